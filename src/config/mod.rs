@@ -1,0 +1,205 @@
+//! The policy file: reading it, validating it, and the compiled snapshot.
+//!
+//! A policy file goes through three steps, one module each:
+//! 1. [`yaml`] parses the text into a tree that keeps every node's
+//!    line and column;
+//! 2. [`compile`] walks that tree section by section with the collecting
+//!    reader in [`decode`] (units in [`units`], addresses in [`net`]);
+//! 3. the result is a [`Snapshot`] (types in [`model`]), the only form of
+//!    the policy that the rest of floodwall ever sees.
+//!
+//! Errors are never reported one at a time: [`compile_str`] returns every
+//! problem in the file at once, sorted by position, each formatted as
+//! `file:line:column path: message` so editors and CI logs can jump to it.
+//!
+//! The snapshot records the file's SHA-256 and load time for `/admin/status`;
+//! [`restart_required`] tells the reloader which changed settings cannot be
+//! applied live.
+
+pub mod compile;
+pub mod decode;
+pub mod model;
+pub mod net;
+pub mod units;
+pub mod yaml;
+
+pub use compile::NOT_SUPPORTED_YET;
+pub use model::*;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+
+/// One problem in a policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file as given, or a label such as `<demo>`.
+    pub file: String,
+    /// 1-based; 0 when the problem is with the file as a whole (unreadable).
+    pub line: usize,
+    /// 1-based; 0 with `line` 0.
+    pub column: usize,
+    /// Field path such as `routes[0].request.max_messages`; empty for YAML
+    /// syntax errors and file-level problems.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    /// `policies/prod.yaml:14:9 routes[0].request.max_messages: must be 1..=100000 (was 0)`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.path.is_empty()) {
+            (0, true) => write!(f, "{}: {}", self.file, self.message),
+            (0, false) => write!(f, "{}: {}: {}", self.file, self.path, self.message),
+            (_, true) => write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message),
+            (_, false) => write!(f, "{}:{}:{} {}: {}", self.file, self.line, self.column, self.path, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every problem found in a policy file, sorted by position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, ConfigError> {
+        self.0.iter()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    /// One error per line, no trailing newline.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(error: ConfigError) -> Self {
+        ConfigErrors(vec![error])
+    }
+}
+
+/// Reads and compiles a policy file. Environment variables named by
+/// `*_env` fields are read from the process environment.
+pub fn load_file(path: &Path) -> Result<Snapshot, ConfigErrors> {
+    let label = path.display().to_string();
+    let file_error = |message: String| ConfigError { file: label.clone(), line: 0, column: 0, path: String::new(), message };
+    let bytes = std::fs::read(path).map_err(|e| file_error(format!("cannot read the policy file: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        file_error(format!("the policy file is not valid UTF-8 (first bad byte at offset {})", e.utf8_error().valid_up_to()))
+    })?;
+    compile_str(&text, &label)
+}
+
+/// Compiles policy text. `file_label` is used in error messages and as
+/// `source.path`.
+pub fn compile_str(text: &str, file_label: &str) -> Result<Snapshot, ConfigErrors> {
+    compile_str_with_env(text, file_label, &|name| std::env::var(name).ok())
+}
+
+/// [`compile_str`] with an explicit environment lookup, for tests and for
+/// callers that supply secrets themselves.
+pub fn compile_str_with_env(
+    text: &str,
+    file_label: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Snapshot, ConfigErrors> {
+    let ctx = decode::Ctx::new(file_label, NOT_SUPPORTED_YET);
+    let parsed = yaml::parse(text);
+    for e in &parsed.errors {
+        ctx.error(e.line, e.col, "", e.message.clone());
+    }
+    let source = SourceInfo { path: PathBuf::from(file_label), hash: sha256_hex(text), loaded_at: SystemTime::now() };
+    let snapshot = parsed.root.as_ref().and_then(|root| compile::compile(root, &ctx, env, source));
+    match snapshot {
+        Some(snapshot) if !ctx.has_errors() => Ok(snapshot),
+        _ => {
+            let mut errors = ctx.into_errors();
+            if errors.is_empty() {
+                // Unreachable by construction; never return an empty error list.
+                errors.push(ConfigError {
+                    file: file_label.to_string(),
+                    line: 0,
+                    column: 0,
+                    path: String::new(),
+                    message: "the policy could not be compiled".to_string(),
+                });
+            }
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `floodwall check FILE...`: prints `FILE: ok` (stdout) or every error
+/// (stderr) for each file, then a summary line. True when all are valid.
+pub fn check_files(paths: &[PathBuf]) -> bool {
+    let mut failed = 0usize;
+    let mut error_count = 0usize;
+    for path in paths {
+        match load_file(path) {
+            Ok(_) => println!("{}: ok", path.display()),
+            Err(errors) => {
+                failed += 1;
+                error_count += errors.len();
+                eprintln!("{errors}");
+            }
+        }
+    }
+    let files = |n: usize| if n == 1 { "file" } else { "files" };
+    if failed == 0 {
+        println!("{} {} checked, all valid", paths.len(), files(paths.len()));
+        true
+    } else {
+        eprintln!(
+            "{} {} checked, {failed} invalid ({error_count} {})",
+            paths.len(),
+            files(paths.len()),
+            if error_count == 1 { "error" } else { "errors" }
+        );
+        false
+    }
+}
+
+/// The settings that differ between `old` and `new` and only take effect
+/// after a restart (listeners and worker threads), by their policy path.
+pub fn restart_required(old: &Snapshot, new: &Snapshot) -> Vec<String> {
+    let mut changed = Vec::new();
+    if old.server.listen != new.server.listen {
+        changed.push("server.listen".to_string());
+    }
+    if old.server.admin.listen != new.server.admin.listen {
+        changed.push("server.admin.listen".to_string());
+    }
+    if old.server.threads != new.server.threads {
+        changed.push("server.threads".to_string());
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests;

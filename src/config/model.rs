@@ -1,0 +1,254 @@
+//! The compiled, validated policy snapshot.
+//!
+//! Nothing past `src/config` sees the YAML tree: the proxy, the policies and
+//! the admin endpoints read only these types. A snapshot is immutable; a
+//! reload builds a whole new one and swaps it in with one `ArcSwap` store
+//! (see `crate::reload`).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// One compiled policy file.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: u32,
+    pub source: SourceInfo,
+    pub server: ServerConfig,
+    pub store: Option<StoreConfig>,
+    /// Backends in file order; routes refer to them by index.
+    pub backends: Vec<Arc<Backend>>,
+    /// Backend name -> index into `backends`.
+    pub backend_index: HashMap<String, usize>,
+    /// Routes in file order: the first match wins.
+    pub routes: Vec<Arc<Route>>,
+}
+
+/// Where a snapshot came from, for `/admin/status` and logs.
+#[derive(Debug, Clone)]
+pub struct SourceInfo {
+    /// The file path as given (or a label such as `<demo>`).
+    pub path: PathBuf,
+    /// Hex SHA-256 of the file's bytes.
+    pub hash: String,
+    pub loaded_at: SystemTime,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Proxy listener addresses, e.g. `0.0.0.0:8080`. A port of 0 picks a free port.
+    pub listen: Vec<String>,
+    pub admin: AdminConfig,
+    /// Worker threads; `None` = number of cores.
+    pub threads: Option<usize>,
+    /// How long in-flight requests may run after SIGTERM (default 30s).
+    pub grace_period: Duration,
+    /// Maximum downstream connections; `None` = derived from the open-files limit.
+    pub max_connections: Option<usize>,
+    /// Peers whose `X-Forwarded-For` and identity headers are believed (default: loopback).
+    pub trusted_proxies: Vec<Cidr>,
+    pub cors: Option<CorsConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Default `127.0.0.1:9090`.
+    pub listen: String,
+    /// Name of the environment variable holding the bearer token, if any.
+    pub token_env: Option<String>,
+    /// The token itself, read from `token_env` when the file was compiled.
+    /// `None`: `/admin/*` is open (only sensible on loopback).
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CorsConfig {
+    /// Exact origins, or `*`.
+    pub allow_origins: Vec<String>,
+    pub allow_methods: Vec<String>,
+    pub allow_headers: Vec<String>,
+    pub expose_headers: Vec<String>,
+    pub allow_credentials: bool,
+    pub max_age: Duration,
+}
+
+/// An IPv4 or IPv6 network in CIDR form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` lies inside this network. IPv4-mapped IPv6 addresses
+    /// (`::ffff:a.b.c.d`) are compared as IPv4.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let bits = u32::from(self.prefix.min(32));
+                let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let bits = u32::from(self.prefix.min(128));
+                let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub redis: RedisConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// Resolved URL (from `url` or `url_env`).
+    pub url: String,
+    /// Default `floodwall`.
+    pub key_prefix: String,
+    /// Default 50ms.
+    pub timeout: Duration,
+    /// Default 1.
+    pub expected_replicas: u32,
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    /// Host header and SNI override.
+    pub host: Option<String>,
+    pub tls: TlsConfig,
+    pub timeouts: BackendTimeouts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub scheme: Scheme,
+    /// Host name or IP literal, without brackets.
+    pub host: String,
+    pub port: u16,
+    /// `host:port` (IPv6 in brackets), ready for a connector.
+    pub address: String,
+    /// The endpoint as written, for logs and status.
+    pub url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Extra CA bundle (PEM); `None` = system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Default true.
+    pub verify: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BackendTimeouts {
+    /// Default 5s.
+    pub connect: Duration,
+    /// Default 60s.
+    pub response_headers: Duration,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub rewrite: Option<Rewrite>,
+    pub websocket: bool,
+    /// Index into `Snapshot::backends`.
+    pub backend: usize,
+    pub backend_name: String,
+    pub request: RequestPolicy,
+    /// Per-route overrides of the backend's timeouts.
+    pub timeouts: RouteTimeouts,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    /// Empty = any method.
+    pub methods: Vec<http::Method>,
+    /// Lower-case host without port; `None` = any.
+    pub host: Option<String>,
+    /// Header name (lower-case) and exact value; all must match.
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Rewrite {
+    pub strip_prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonMode {
+    /// Parse the body as JSON when its Content-Type says JSON (default).
+    Auto,
+    /// The body must be JSON, whatever the Content-Type says.
+    Required,
+    /// Never parse the body.
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestPolicy {
+    /// Default 1 MiB. Larger bodies get 413.
+    pub max_body: usize,
+    pub json: JsonMode,
+    pub max_messages: Option<usize>,
+    pub max_prompt_chars: Option<usize>,
+    pub fields: Vec<FieldCheck>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FieldCheck {
+    /// Dotted path as written, e.g. `metadata.sessionId`.
+    pub path: String,
+    /// The same path split on dots.
+    pub segments: Vec<String>,
+    pub required: bool,
+    pub min_chars: Option<usize>,
+    pub max_chars: Option<usize>,
+    /// Limit on the field's string length in bytes (e.g. base64 images).
+    pub max_bytes: Option<usize>,
+    pub format: Option<FieldFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldFormat {
+    Uuid,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteTimeouts {
+    pub connect: Option<Duration>,
+    pub response_headers: Option<Duration>,
+}
+
+impl Snapshot {
+    pub fn backend(&self, route: &Route) -> &Arc<Backend> {
+        &self.backends[route.backend]
+    }
+}

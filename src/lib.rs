@@ -1,0 +1,22 @@
+//! floodwall: a resilience-policy reverse proxy for LLM backends, on Pingora.
+//!
+//! The modules follow the path a request takes:
+//! - [`config`]: the policy file, its validation and the compiled snapshot;
+//! - [`proxy`]: the Pingora wiring (request intake, routing, the upstream
+//!   loop and floodwall's own responses);
+//! - [`policy`]: one pure decision module per policy kind;
+//! - [`telemetry`]: metrics and logs; [`admin`]: health, metrics, status;
+//! - [`reload`]: file watching and the atomic snapshot swap;
+//! - [`mock`]: the scriptable mock LLM backend used by tests, demo and benches.
+
+pub mod admin;
+pub mod config;
+pub mod mock;
+pub mod proxy;
+pub mod state;
+pub mod telemetry;
+pub mod request;
+pub mod routing;
+pub mod demo;
+pub mod reload;
+pub mod server;

@@ -1,0 +1,72 @@
+//! Per-request state, carried through Pingora's hooks.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::reject::Reason;
+use super::upstream::StreamEnd;
+use crate::config::Route;
+use crate::request::LlmFields;
+use crate::state::Active;
+use crate::telemetry::metrics::ActiveGuard;
+
+pub struct Ctx {
+    pub start: Instant,
+    pub request_id: String,
+    pub trace_id: Option<String>,
+    pub method: &'static str,
+    /// The snapshot this request started on; it keeps it to the end.
+    pub active: Option<Arc<Active>>,
+    pub route: Option<Arc<Route>>,
+    /// The whole request body, replayable.
+    pub body: Bytes,
+    pub llm: Option<LlmFields>,
+    /// Set when floodwall answered itself.
+    pub reason: Option<Reason>,
+    pub status: u16,
+    /// Any byte of the response went to the client.
+    pub response_started: bool,
+    pub attempts: u32,
+    pub backend: Option<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub error: Option<String>,
+    pub stream_end: Option<StreamEnd>,
+    pub cors: Vec<(&'static str, String)>,
+    /// Decrements the active-requests gauge when dropped, on every path.
+    pub active_guard: Option<ActiveGuard>,
+}
+
+impl Ctx {
+    pub fn new() -> Self {
+        Ctx {
+            start: Instant::now(),
+            request_id: String::new(),
+            trace_id: None,
+            method: "OTHER",
+            active: None,
+            route: None,
+            body: Bytes::new(),
+            llm: None,
+            reason: None,
+            status: 0,
+            response_started: false,
+            attempts: 0,
+            backend: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            error: None,
+            stream_end: None,
+            cors: Vec::new(),
+            active_guard: None,
+        }
+    }
+}
+
+impl Default for Ctx {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,195 @@
+//! Header handling on the way up and down: hop-by-hop removal,
+//! `X-Forwarded-*`, request ids and CORS.
+
+use std::cell::Cell;
+use std::net::IpAddr;
+
+use pingora::http::{RequestHeader, ResponseHeader};
+
+use crate::config::{Cidr, CorsConfig};
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+fn connection_tokens(h: &http::HeaderMap) -> Vec<String> {
+    h.get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+pub fn strip_hop_by_hop_request(req: &mut RequestHeader) {
+    for t in connection_tokens(&req.headers) {
+        req.remove_header(t.as_str());
+    }
+    for h in HOP_BY_HOP {
+        req.remove_header(h);
+    }
+}
+
+pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
+    for t in connection_tokens(&resp.headers) {
+        resp.remove_header(t.as_str());
+    }
+    for h in HOP_BY_HOP {
+        resp.remove_header(h);
+    }
+}
+
+pub fn is_trusted(trusted: &[Cidr], ip: Option<IpAddr>) -> bool {
+    ip.is_some_and(|ip| trusted.iter().any(|c| c.contains(ip)))
+}
+
+/// The `X-Forwarded-For` value to send upstream: the existing chain is kept
+/// only when the peer is a trusted proxy; otherwise it is replaced, so a
+/// client cannot forge its address.
+pub fn forwarded_for(existing: Option<&str>, peer: Option<IpAddr>, peer_trusted: bool) -> Option<String> {
+    let peer = peer?.to_string();
+    match existing {
+        Some(chain) if peer_trusted && !chain.trim().is_empty() => Some(format!("{}, {peer}", chain.trim())),
+        _ => Some(peer),
+    }
+}
+
+/// An incoming `X-Request-ID` is accepted when it is 1..=128 visible ASCII
+/// characters; otherwise a new one is generated.
+pub fn accept_request_id(v: Option<&[u8]>) -> Option<String> {
+    let v = v?;
+    if v.is_empty() || v.len() > 128 || !v.iter().all(|b| b.is_ascii_graphic()) {
+        return None;
+    }
+    String::from_utf8(v.to_vec()).ok()
+}
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new(seed());
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0x9E37_79B9_7F4A_7C15);
+    let local = 0u8;
+    let addr = &local as *const u8 as u64;
+    (t ^ addr.rotate_left(32) ^ u64::from(std::process::id())) | 1
+}
+
+/// A fast, non-cryptographic 64-bit random number (xorshift64*), per thread.
+pub fn random_u64() -> u64 {
+    RNG.with(|c| {
+        let mut x = c.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        c.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    })
+}
+
+/// A new 32-hex-digit request id.
+pub fn new_request_id() -> String {
+    format!("{:016x}{:016x}", random_u64(), random_u64())
+}
+
+/// CORS headers for a response to `origin`, if that origin is allowed.
+pub fn cors_headers(cors: &CorsConfig, origin: Option<&str>) -> Vec<(&'static str, String)> {
+    let Some(origin) = origin else { return vec![] };
+    let any = cors.allow_origins.iter().any(|o| o == "*");
+    let allowed = any || cors.allow_origins.iter().any(|o| o.eq_ignore_ascii_case(origin));
+    if !allowed {
+        return vec![];
+    }
+    let mut out = Vec::with_capacity(4);
+    if any && !cors.allow_credentials {
+        out.push(("access-control-allow-origin", "*".to_string()));
+    } else {
+        out.push(("access-control-allow-origin", origin.to_string()));
+        out.push(("vary", "Origin".to_string()));
+    }
+    if cors.allow_credentials {
+        out.push(("access-control-allow-credentials", "true".to_string()));
+    }
+    if !cors.expose_headers.is_empty() {
+        out.push(("access-control-expose-headers", cors.expose_headers.join(", ")));
+    }
+    out
+}
+
+/// Extra headers for a preflight answer (on top of [`cors_headers`]).
+pub fn preflight_headers(cors: &CorsConfig) -> Vec<(&'static str, String)> {
+    vec![
+        ("access-control-allow-methods", cors.allow_methods.join(", ")),
+        ("access-control-allow-headers", cors.allow_headers.join(", ")),
+        ("access-control-max-age", cors.max_age.as_secs().to_string()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn hop_by_hop_and_connection_tokens_are_removed() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("connection", "keep-alive, x-secret").unwrap();
+        req.insert_header("x-secret", "1").unwrap();
+        req.insert_header("te", "trailers").unwrap();
+        req.insert_header("x-keep", "1").unwrap();
+        strip_hop_by_hop_request(&mut req);
+        assert!(req.headers.get("x-secret").is_none());
+        assert!(req.headers.get("connection").is_none());
+        assert!(req.headers.get("te").is_none());
+        assert!(req.headers.get("x-keep").is_some());
+    }
+
+    #[test]
+    fn xff_kept_only_from_trusted_peers() {
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(forwarded_for(Some("1.1.1.1"), Some(ip), true).unwrap(), "1.1.1.1, 10.1.2.3");
+        assert_eq!(forwarded_for(Some("1.1.1.1"), Some(ip), false).unwrap(), "10.1.2.3");
+        assert_eq!(forwarded_for(None, Some(ip), true).unwrap(), "10.1.2.3");
+    }
+
+    #[test]
+    fn request_ids() {
+        assert_eq!(accept_request_id(Some(b"abc-123")).as_deref(), Some("abc-123"));
+        assert!(accept_request_id(Some(b"has space")).is_none());
+        assert!(accept_request_id(Some(&[b'a'; 129])).is_none());
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn cors_allows_listed_origins_only() {
+        let cors = CorsConfig {
+            allow_origins: vec!["https://app.example.com".into()],
+            allow_methods: vec!["GET".into(), "POST".into()],
+            allow_headers: vec!["content-type".into()],
+            expose_headers: vec!["retry-after".into(), "x-floodwall-reason".into()],
+            allow_credentials: false,
+            max_age: Duration::from_secs(600),
+        };
+        let h = cors_headers(&cors, Some("https://app.example.com"));
+        assert!(h.contains(&("access-control-allow-origin", "https://app.example.com".into())));
+        assert!(h.contains(&("access-control-expose-headers", "retry-after, x-floodwall-reason".into())));
+        assert!(cors_headers(&cors, Some("https://evil.example")).is_empty());
+        assert!(cors_headers(&cors, None).is_empty());
+    }
+}

@@ -1,0 +1,528 @@
+//! The Pingora wiring: request intake, routing, the upstream exchange and
+//! floodwall's own responses. It asks the pure modules (`routing`,
+//! `request`, later `policy::*`) for decisions and acts on them; it holds no
+//! policy logic of its own.
+//!
+//! Request path (all in `request_filter`):
+//! 1. load the current snapshot once (a reload never changes a running request);
+//! 2. request id, CORS preflight;
+//! 3. route match (404 `no_route`);
+//! 4. read the whole body up to `max_body` (413), parse what the policies
+//!    need (400 `invalid_json`), run the route's request checks (400);
+//! 5. one attempt upstream over Pingora's pooled connector
+//!    ([`upstream`]), streaming the answer back chunk by chunk.
+//!
+//! WebSocket routes (`websocket: true`) hand Upgrade requests to Pingora's own
+//! proxy loop untouched, through `upstream_peer`.
+
+pub mod ctx;
+pub mod headers;
+pub mod reject;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType, Result};
+use tracing::{debug, info, warn};
+
+pub use ctx::Ctx;
+use reject::{Reason, Reject};
+use upstream::{AttemptReport, AttemptRequest, StreamEnd};
+
+use crate::config::{JsonMode, Route};
+use crate::request::{self, BodyError};
+use crate::state::{Active, Shared};
+
+/// How long a client may take to send its request body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct FloodwallProxy {
+    shared: Arc<Shared>,
+    connector: Connector,
+}
+
+impl FloodwallProxy {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        FloodwallProxy {
+            shared,
+            connector: Connector::new(None),
+        }
+    }
+
+    /// Send a rejection with the request id and CORS headers, and record it.
+    async fn reject(&self, session: &mut Session, ctx: &mut Ctx, r: Reject, body_read: bool) -> Result<bool> {
+        ctx.reason = Some(r.reason);
+        ctx.status = r.status();
+        ctx.error = Some(r.message.clone());
+        if r.reason.is_client_error() {
+            debug!(request_id = %ctx.request_id, reason = r.reason.code(), "{}", r.message);
+        } else {
+            warn!(request_id = %ctx.request_id, reason = r.reason.code(), "{}", r.message);
+        }
+        self.shared.metrics.local_response(r.reason.code());
+        let mut extra = ctx.cors.clone();
+        extra.push(("x-request-id", ctx.request_id.clone()));
+        reject::send(session, &r, &extra, body_read).await?;
+        ctx.response_started = true;
+        Ok(true)
+    }
+
+    /// Read the whole request body, bounded by `max_body` and a time limit.
+    async fn read_body(session: &mut Session, max: usize) -> std::result::Result<Bytes, Reject> {
+        if let Some(len) = session
+            .req_header()
+            .headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            if len > max as u64 {
+                return Err(too_large(len, max));
+            }
+        }
+        let mut buf = BytesMut::new();
+        let read = async {
+            while let Some(chunk) = session.read_request_body().await? {
+                if buf.len() + chunk.len() > max {
+                    return Ok(Err(too_large((buf.len() + chunk.len()) as u64, max)));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok::<_, Box<Error>>(Ok(()))
+        };
+        match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+            Err(_) => Err(Reject::new(
+                Reason::RequestTimeout,
+                format!("the request body did not arrive within {}s", BODY_READ_TIMEOUT.as_secs()),
+            )),
+            Ok(Err(e)) => Err(Reject::new(
+                Reason::InvalidRequest,
+                format!("could not read the request body: {}", e.etype().as_str()),
+            )),
+            Ok(Ok(Err(r))) => Err(r),
+            Ok(Ok(Ok(()))) => Ok(buf.freeze()),
+        }
+    }
+
+    /// The request header to send upstream for `route`.
+    fn upstream_request(&self, session: &Session, ctx: &Ctx, route: &Route, active: &Active) -> Result<RequestHeader> {
+        let mut req = session.req_header().clone();
+        let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let new_pq = crate::routing::rewrite_path(route.rewrite.as_ref().and_then(|r| r.strip_prefix.as_deref()), pq);
+        if new_pq != pq || req.uri.authority().is_some() {
+            let uri: http::Uri = new_pq
+                .parse()
+                .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "rewritten path is not a valid URI"))?;
+            req.set_uri(uri);
+        }
+        let upgrade = route.websocket && session.is_upgrade_req();
+        let upgrade_hdrs = if upgrade {
+            (req.headers.get("upgrade").cloned(), req.headers.get("connection").cloned())
+        } else {
+            (None, None)
+        };
+        headers::strip_hop_by_hop_request(&mut req);
+        if let (Some(u), Some(c)) = upgrade_hdrs {
+            req.insert_header("upgrade", u)?;
+            req.insert_header("connection", c)?;
+        }
+        let peer_ip = client_ip(session);
+        let trusted = headers::is_trusted(&active.snapshot.server.trusted_proxies, peer_ip);
+        let existing = req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        if let Some(xff) = headers::forwarded_for(existing, peer_ip, trusted) {
+            req.insert_header("x-forwarded-for", xff)?;
+        }
+        if !(trusted && req.headers.contains_key("x-forwarded-proto")) {
+            req.insert_header("x-forwarded-proto", "http")?;
+        }
+        req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if !upgrade {
+            if ctx.body.is_empty() && !req.headers.contains_key("content-length") && req.method != http::Method::POST
+            {
+                // no body, no framing header
+            } else {
+                req.insert_header("content-length", ctx.body.len().to_string())?;
+            }
+        }
+        Ok(req)
+    }
+
+    /// One upstream exchange for a buffered request.
+    async fn forward(&self, session: &mut Session, ctx: &mut Ctx, active: &Arc<Active>, route: &Arc<Route>) -> Result<bool> {
+        let backend_cfg = &active.snapshot.backends[route.backend];
+        let backend = &active.backends[route.backend];
+        let header = self.upstream_request(session, ctx, route, active)?;
+        let endpoint = backend.pick();
+        let mut report = AttemptReport::default();
+        ctx.attempts += 1;
+        ctx.backend = Some(backend_cfg.name.clone());
+        let attempt = upstream::start_attempt(
+            &self.connector,
+            backend,
+            endpoint,
+            AttemptRequest {
+                header,
+                body: &ctx.body,
+                response_headers_timeout: route.timeouts.response_headers.unwrap_or(backend_cfg.timeouts.response_headers),
+                connect_timeout: route.timeouts.connect,
+            },
+            &mut report,
+        )
+        .await;
+        let outcome = if attempt.is_ok() { "ok" } else { report.outcome };
+        self.shared.metrics.observe_upstream(
+            &backend_cfg.name,
+            outcome,
+            report.header_latency.map(|d| d.as_secs_f64()),
+        );
+        let mut answer = match attempt {
+            Ok(a) => a,
+            Err(r) => return self.reject(session, ctx, r, true).await,
+        };
+        let Some(mut resp) = upstream::downstream_header(&answer.session) else {
+            return self
+                .reject(session, ctx, Reject::new(Reason::UpstreamError, "upstream sent no response header"), true)
+                .await;
+        };
+        self.prepare_response(session, ctx, &mut resp)?;
+        resp.insert_header("x-floodwall-backend", backend_cfg.name.as_str())?;
+        ctx.status = resp.status.as_u16();
+        let is_sse = resp
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let head_only = session.req_header().method == http::Method::HEAD || matches!(ctx.status, 204 | 304);
+        if let Err(e) = session.write_response_header(Box::new(resp), false).await {
+            upstream::release(&self.connector, backend, answer.endpoint, answer.session, false).await;
+            ctx.error = Some(format!("writing response header: {}", e.etype().as_str()));
+            return Err(e);
+        }
+        ctx.response_started = true;
+        let mut bytes_out = 0u64;
+        let (end, why) = if head_only {
+            match session.write_response_body(None, true).await {
+                Ok(()) => (StreamEnd::Complete, None),
+                Err(_) => (StreamEnd::ClientGone, Some("client closed the connection".into())),
+            }
+        } else {
+            upstream::stream_body(session, &mut answer.session, is_sse, |c| bytes_out += c.len() as u64).await
+        };
+        ctx.bytes_out = bytes_out;
+        ctx.stream_end = Some(end);
+        let reusable = end == StreamEnd::Complete && answer.session.response_done();
+        upstream::release(&self.connector, backend, answer.endpoint, answer.session, reusable).await;
+        match end {
+            StreamEnd::Complete => Ok(true),
+            StreamEnd::UpstreamBroke | StreamEnd::ClientGone => {
+                let why = why.unwrap_or_default();
+                ctx.error = Some(why.clone());
+                // End the response abnormally: Pingora drops the connection
+                // without writing the body terminator, so the cut is visible.
+                Error::e_explain(ErrorType::ConnectionClosed, why)
+            }
+        }
+    }
+
+    /// Fix up an upstream response header for the client.
+    fn prepare_response(&self, session: &Session, ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
+        let upstream_had_body_framing =
+            resp.headers.contains_key("content-length") || resp.headers.contains_key("transfer-encoding");
+        headers::strip_hop_by_hop_response(resp);
+        if session.as_http1().is_some() || session.req_header().version < http::Version::HTTP_2 {
+            resp.set_version(http::Version::HTTP_11);
+            // Without a length, HTTP/1.1 needs chunked framing; the hop-by-hop
+            // pass removed the upstream's own Transfer-Encoding.
+            if !resp.headers.contains_key("content-length") && (upstream_had_body_framing || resp.status.as_u16() >= 200)
+            {
+                resp.insert_header("transfer-encoding", "chunked")?;
+            }
+        }
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        for (k, v) in &ctx.cors {
+            resp.insert_header(*k, v.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+fn too_large(len: u64, max: usize) -> Reject {
+    Reject::new(
+        Reason::BodyTooLarge,
+        format!("request body is {len} bytes; the route's max_body is {max} bytes"),
+    )
+}
+
+fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
+    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+}
+
+fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn is_json_content_type(req: &RequestHeader) -> bool {
+    header_str(req, "content-type").is_some_and(|ct| {
+        let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        ct == "application/json" || ct.ends_with("+json")
+    })
+}
+
+#[async_trait]
+impl ProxyHttp for FloodwallProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::new()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let active = self.shared.active();
+        let req = session.req_header();
+        ctx.request_id = headers::accept_request_id(req.headers.get("x-request-id").map(|v| v.as_bytes()))
+            .unwrap_or_else(headers::new_request_id);
+        ctx.trace_id = header_str(req, "traceparent")
+            .and_then(crate::telemetry::logging::trace_id_from_traceparent)
+            .map(str::to_string);
+        ctx.method = crate::telemetry::metrics::method_label(&req.method);
+        let snap = &active.snapshot;
+
+        // CORS: headers on every response, and preflights answered here.
+        if let Some(cors) = &snap.server.cors {
+            let origin = header_str(req, "origin");
+            ctx.cors = headers::cors_headers(cors, origin);
+            if req.method == http::Method::OPTIONS
+                && origin.is_some()
+                && req.headers.contains_key("access-control-request-method")
+            {
+                let mut h = ResponseHeader::build(204, Some(8))?;
+                if !ctx.cors.is_empty() {
+                    for (k, v) in ctx.cors.iter().cloned().chain(headers::preflight_headers(cors)) {
+                        h.insert_header(k, v)?;
+                    }
+                }
+                h.insert_header("x-request-id", ctx.request_id.as_str())?;
+                h.insert_header("content-length", "0")?;
+                ctx.status = 204;
+                session.write_response_header(Box::new(h), true).await?;
+                ctx.response_started = true;
+                return Ok(true);
+            }
+        }
+
+        // Routing.
+        let found = {
+            let req = session.req_header();
+            let host = header_str(req, "host").or_else(|| req.uri.host());
+            let lookup = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+            crate::routing::find(
+                &snap.routes,
+                &crate::routing::RequestParts {
+                    method: &req.method,
+                    path: req.uri.path(),
+                    host,
+                    header: &lookup,
+                },
+            )
+        };
+        let Some(idx) = found else {
+            let req = session.req_header();
+            let msg = format!("no route matches {} {}", req.method, req.uri.path());
+            ctx.active = Some(active);
+            let body_done = session.is_body_empty();
+            return self.reject(session, ctx, Reject::new(Reason::NoRoute, msg), body_done).await;
+        };
+        let route = snap.routes[idx].clone();
+        ctx.route = Some(route.clone());
+        ctx.active_guard = Some(self.shared.metrics.active_request(&route.name));
+        ctx.active = Some(active.clone());
+
+        if route.websocket && session.is_upgrade_req() {
+            // Pingora's own loop proxies the upgrade untouched (upstream_peer below).
+            return Ok(false);
+        }
+
+        // Body.
+        ctx.body = match Self::read_body(session, route.request.max_body).await {
+            Ok(b) => b,
+            Err(r) => return self.reject(session, ctx, r, false).await,
+        };
+        ctx.bytes_in = ctx.body.len() as u64;
+        let parse_json = match route.request.json {
+            JsonMode::Off => false,
+            JsonMode::Required => true,
+            JsonMode::Auto => is_json_content_type(session.req_header()),
+        };
+        if parse_json {
+            let keep_doc = !route.request.fields.is_empty();
+            match request::parse(&ctx.body, keep_doc) {
+                Ok(Some((fields, doc))) => {
+                    if let Err(e) = request::check(&route.request, &fields, doc.as_ref()) {
+                        return self.reject(session, ctx, body_reject(e), true).await;
+                    }
+                    ctx.llm = Some(fields);
+                }
+                Ok(None) if route.request.json == JsonMode::Required => {
+                    let r = Reject::new(Reason::InvalidJson, "request body is empty; this route expects JSON");
+                    return self.reject(session, ctx, r, true).await;
+                }
+                Ok(None) => {
+                    if let Err(e) = request::check(&route.request, &Default::default(), None) {
+                        return self.reject(session, ctx, body_reject(e), true).await;
+                    }
+                }
+                Err(e) => return self.reject(session, ctx, body_reject(e), true).await,
+            }
+        } else if !route.request.fields.is_empty() || route.request.max_messages.is_some() {
+            // Checks that need JSON, on a body that is not declared JSON:
+            // refuse rather than let the checks be silently skipped.
+            if !ctx.body.is_empty() {
+                let r = Reject::new(
+                    Reason::InvalidRequest,
+                    "this route checks JSON fields; send the body as Content-Type: application/json",
+                );
+                return self.reject(session, ctx, r, true).await;
+            }
+        }
+
+        self.forward(session, ctx, &active, &route).await
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        // Only WebSocket upgrades take Pingora's own path.
+        let (Some(active), Some(route)) = (ctx.active.as_ref(), ctx.route.as_ref()) else {
+            return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route");
+        };
+        let backend = &active.backends[route.backend];
+        let i = backend.pick();
+        ctx.backend = Some(active.snapshot.backends[route.backend].name.clone());
+        ctx.attempts += 1;
+        match backend.peer(i) {
+            Some(p) => Ok(Box::new(p.clone())),
+            None => Error::e_explain(ErrorType::ConnectNoRoute, "backend endpoint unavailable"),
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let (Some(active), Some(route)) = (ctx.active.clone(), ctx.route.clone()) else {
+            return Ok(());
+        };
+        let mut req = self.upstream_request(session, ctx, &route, &active)?;
+        if let Some(host) = active.backends[route.backend].host(0) {
+            req.insert_header("host", host)?;
+        }
+        *upstream_request = req;
+        Ok(())
+    }
+
+    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+        ctx.status = resp.status.as_u16();
+        ctx.response_started = true;
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(b) = &ctx.backend {
+            resp.insert_header("x-floodwall-backend", b.as_str())?;
+        }
+        for (k, v) in &ctx.cors {
+            resp.insert_header(*k, v.as_str())?;
+        }
+        Ok(())
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _error: &Error) -> bool {
+        // Errors floodwall raised itself were already logged with context.
+        ctx.error.is_some()
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if ctx.response_started {
+            return FailToProxy {
+                error_code: ctx.status,
+                can_reuse_downstream: false,
+            };
+        }
+        let reason = match e.etype() {
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                if *e.esource() == pingora::ErrorSource::Upstream {
+                    Reason::UpstreamTimeout
+                } else {
+                    Reason::RequestTimeout
+                }
+            }
+            ErrorType::ConnectError | ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::TLSHandshakeFailure => {
+                Reason::UpstreamConnectError
+            }
+            _ => match e.esource() {
+                pingora::ErrorSource::Upstream => Reason::UpstreamError,
+                pingora::ErrorSource::Downstream => {
+                    if matches!(e.etype(), ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed) {
+                        ctx.error = Some(format!("client went away: {}", e.etype().as_str()));
+                        return FailToProxy {
+                            error_code: 0,
+                            can_reuse_downstream: false,
+                        };
+                    }
+                    Reason::InvalidRequest
+                }
+                _ => Reason::Internal,
+            },
+        };
+        let r = Reject::new(reason, format!("{}", e.etype().as_str()));
+        let code = r.status();
+        let _ = self.reject(session, ctx, r, false).await;
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let elapsed = ctx.start.elapsed();
+        let route = ctx.route.as_ref().map(|r| r.name.as_str()).unwrap_or("unmatched");
+        let status = if ctx.status == 0 {
+            session.response_written().map(|r| r.status.as_u16()).unwrap_or(0)
+        } else {
+            ctx.status
+        };
+        let m = &self.shared.metrics;
+        m.observe_request(route, ctx.method, status, elapsed.as_secs_f64());
+        m.add_bytes(route, ctx.bytes_in, ctx.bytes_out);
+        ctx.active_guard.take();
+        let error = ctx.error.as_deref().or(e.map(|_| "proxy error"));
+        info!(
+            target: "access",
+            request_id = %ctx.request_id,
+            trace_id = ctx.trace_id.as_deref().unwrap_or(""),
+            method = ctx.method,
+            route,
+            backend = ctx.backend.as_deref().unwrap_or(""),
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            attempts = ctx.attempts,
+            bytes_in = ctx.bytes_in,
+            bytes_out = ctx.bytes_out,
+            reason = ctx.reason.map(|r| r.code()).unwrap_or(""),
+            stream_end = ctx.stream_end.map(|s| s.as_str()).unwrap_or(""),
+            error = error.unwrap_or(""),
+        );
+        let _ = Instant::now();
+    }
+}
+
+fn body_reject(e: BodyError) -> Reject {
+    match e {
+        BodyError::InvalidJson(_) => Reject::new(Reason::InvalidJson, e.to_string()),
+        BodyError::TooLarge(_) => Reject::new(Reason::RequestTooLarge, e.to_string()),
+    }
+}

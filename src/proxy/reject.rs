@@ -1,0 +1,195 @@
+//! Responses that floodwall makes itself, and the one place that maps each
+//! reason to its HTTP status, error type, metric label and log level.
+//!
+//! Every such response carries the OpenAI error envelope
+//! `{"error":{"message","type","code"}}` (so SDKs raise it cleanly), an
+//! `x-floodwall-reason: <code>` header, the request id, and `Retry-After` on
+//! every 429 and 503. `docs/errors.md` lists every code.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+/// Why floodwall answered a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    NoRoute,
+    BodyTooLarge,
+    InvalidJson,
+    RequestTooLarge,
+    InvalidRequest,
+    RequestTimeout,
+    UpstreamConnectError,
+    UpstreamTimeout,
+    UpstreamError,
+    Internal,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 10] = [
+        Reason::NoRoute,
+        Reason::BodyTooLarge,
+        Reason::InvalidJson,
+        Reason::RequestTooLarge,
+        Reason::InvalidRequest,
+        Reason::RequestTimeout,
+        Reason::UpstreamConnectError,
+        Reason::UpstreamTimeout,
+        Reason::UpstreamError,
+        Reason::Internal,
+    ];
+
+    /// The `x-floodwall-reason` value, the `error.code`, and the metric label.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::NoRoute => "no_route",
+            Reason::BodyTooLarge => "body_too_large",
+            Reason::InvalidJson => "invalid_json",
+            Reason::RequestTooLarge => "request_too_large",
+            Reason::InvalidRequest => "invalid_request",
+            Reason::RequestTimeout => "request_timeout",
+            Reason::UpstreamConnectError => "upstream_connect_error",
+            Reason::UpstreamTimeout => "upstream_timeout",
+            Reason::UpstreamError => "upstream_error",
+            Reason::Internal => "internal_error",
+        }
+    }
+
+    pub fn status(self) -> u16 {
+        match self {
+            Reason::NoRoute => 404,
+            Reason::BodyTooLarge => 413,
+            Reason::InvalidJson | Reason::RequestTooLarge | Reason::InvalidRequest => 400,
+            Reason::RequestTimeout => 408,
+            Reason::UpstreamConnectError | Reason::UpstreamError => 502,
+            Reason::UpstreamTimeout => 504,
+            Reason::Internal => 500,
+        }
+    }
+
+    /// The OpenAI-style `error.type`.
+    pub fn error_type(self) -> &'static str {
+        match self {
+            Reason::NoRoute => "not_found_error",
+            Reason::BodyTooLarge
+            | Reason::InvalidJson
+            | Reason::RequestTooLarge
+            | Reason::InvalidRequest
+            | Reason::RequestTimeout => "invalid_request_error",
+            Reason::UpstreamConnectError | Reason::UpstreamTimeout | Reason::UpstreamError => {
+                "upstream_error"
+            }
+            Reason::Internal => "server_error",
+        }
+    }
+
+    /// Client mistakes are logged at debug; upstream trouble at warn.
+    pub fn is_client_error(self) -> bool {
+        self.status() < 500
+    }
+}
+
+/// A response floodwall will send instead of proxying.
+#[derive(Debug, Clone)]
+pub struct Reject {
+    pub reason: Reason,
+    pub message: String,
+    /// Seconds, rounded up; always set on 429 and 503.
+    pub retry_after: Option<u64>,
+}
+
+impl Reject {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Reject {
+            reason,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        self.reason.status()
+    }
+
+    pub fn body(&self) -> Bytes {
+        error_body(&self.message, self.reason.error_type(), self.reason.code())
+    }
+
+    /// The response header, without request-id or CORS headers (the caller adds those).
+    pub fn header(&self, body_len: usize) -> pingora::Result<ResponseHeader> {
+        let status = self.status();
+        let mut h = ResponseHeader::build(status, Some(6))?;
+        h.insert_header("content-type", "application/json")?;
+        h.insert_header("content-length", body_len.to_string())?;
+        h.insert_header("x-floodwall-reason", self.reason.code())?;
+        let retry_after = match (self.retry_after, status) {
+            (Some(s), _) => Some(s),
+            (None, 429 | 503) => Some(1),
+            _ => None,
+        };
+        if let Some(s) = retry_after {
+            h.insert_header("retry-after", s.to_string())?;
+        }
+        h.insert_header("cache-control", "no-store")?;
+        Ok(h)
+    }
+}
+
+/// The OpenAI error envelope, serialised.
+pub fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
+    let v = serde_json::json!({
+        "error": { "message": message, "type": error_type, "code": code }
+    });
+    Bytes::from(v.to_string())
+}
+
+/// Write a rejection to the client. `extra` headers (request id, CORS) are
+/// added on top. The connection is closed afterwards when the request body
+/// was not read to the end, so that unread bytes are never parsed as a request.
+pub async fn send(
+    session: &mut Session,
+    reject: &Reject,
+    extra: &[(&'static str, String)],
+    body_fully_read: bool,
+) -> pingora::Result<()> {
+    let body = reject.body();
+    let mut h = reject.header(body.len())?;
+    for (k, v) in extra {
+        h.insert_header(*k, v.as_str())?;
+    }
+    if !body_fully_read {
+        session.set_keepalive(None);
+        h.insert_header("connection", "close")?;
+    }
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session.write_response_header(Box::new(h), head_only).await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_the_openai_envelope() {
+        let r = Reject::new(Reason::NoRoute, "no route for GET /x");
+        let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(v["error"]["message"], "no route for GET /x");
+        assert_eq!(v["error"]["type"], "not_found_error");
+        assert_eq!(v["error"]["code"], "no_route");
+    }
+
+    #[test]
+    fn header_carries_reason_and_retry_after_on_503() {
+        let r = Reject::new(Reason::UpstreamTimeout, "t");
+        let h = r.header(10).unwrap();
+        assert_eq!(h.status.as_u16(), 504);
+        assert_eq!(h.headers.get("x-floodwall-reason").unwrap(), "upstream_timeout");
+        assert!(h.headers.get("retry-after").is_none());
+        let codes: std::collections::HashSet<_> = Reason::ALL.iter().map(|r| r.code()).collect();
+        assert_eq!(codes.len(), Reason::ALL.len(), "codes are unique");
+    }
+}

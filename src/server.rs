@@ -1,0 +1,168 @@
+//! Assembling and running the Pingora server: the proxy service on the
+//! policy's listeners, the admin service, live reload and start-up checks.
+
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use tracing::{error, info};
+
+use crate::config::{self, Snapshot};
+use crate::proxy::FloodwallProxy;
+use crate::reload::{ReloadService, Reloader};
+use crate::state::Shared;
+use crate::telemetry::Metrics;
+
+pub struct RunOptions {
+    pub config: PathBuf,
+    /// Write `{"listen":[...],"admin":"..."}` here once every listener accepts.
+    pub ready_file: Option<PathBuf>,
+    /// Take over the listening sockets of a running floodwall (Pingora `--upgrade`).
+    pub upgrade: bool,
+    pub upgrade_sock: Option<String>,
+}
+
+/// Replace a port of 0 with a free port picked now, so that the real address
+/// can be reported. (Pingora binds by address string.)
+fn concrete_addr(addr: &str) -> Result<String, String> {
+    let sa: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve listen address {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve listen address {addr}"))?;
+    if sa.port() != 0 {
+        return Ok(addr.to_string());
+    }
+    let l = TcpListener::bind(sa).map_err(|e| format!("cannot bind {addr}: {e}"))?;
+    let local = l.local_addr().map_err(|e| e.to_string())?;
+    Ok(local.to_string())
+}
+
+/// Load, resolve ports, build and run. Returns only on start-up failure
+/// (`run_forever` exits the process when the server stops).
+pub fn run(opts: RunOptions) -> Result<(), String> {
+    let mut snapshot = config::load_file(&opts.config).map_err(|e| e.to_string())?;
+    resolve_ports(&mut snapshot)?;
+    run_snapshot(snapshot, opts)
+}
+
+pub fn resolve_ports(snapshot: &mut Snapshot) -> Result<(), String> {
+    for l in snapshot.server.listen.iter_mut() {
+        *l = concrete_addr(l)?;
+    }
+    snapshot.server.admin.listen = concrete_addr(&snapshot.server.admin.listen)?;
+    Ok(())
+}
+
+pub fn run_snapshot(snapshot: Snapshot, opts: RunOptions) -> Result<(), String> {
+    let listen = snapshot.server.listen.clone();
+    let admin_listen = snapshot.server.admin.listen.clone();
+    let threads = snapshot
+        .server
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let grace = snapshot.server.grace_period;
+
+    let hash = snapshot.source.hash.clone();
+    let shared = Shared::new(snapshot, Metrics::new());
+    shared.metrics.config_loaded(&hash);
+
+    let mut conf = ServerConf::default();
+    conf.threads = threads;
+    conf.grace_period_seconds = Some(grace.as_secs());
+    conf.graceful_shutdown_timeout_seconds = Some(5);
+    if let Some(sock) = &opts.upgrade_sock {
+        conf.upgrade_sock = sock.clone();
+    }
+    let mut opt = Opt::default();
+    opt.upgrade = opts.upgrade;
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        FloodwallProxy::new(shared.clone()),
+        "floodwall proxy",
+    );
+    for addr in &listen {
+        proxy.add_tcp(addr);
+    }
+    server.add_service(proxy);
+    server.add_service(crate::admin::admin_service(shared.clone(), &admin_listen));
+    let reloader = Arc::new(Reloader::new(shared.clone(), opts.config.clone()));
+    server.add_service(background_service("policy reload", ReloadService(reloader)));
+    server.add_service(background_service(
+        "start-up",
+        Startup {
+            shared,
+            listen: listen.clone(),
+            admin: admin_listen.clone(),
+            ready_file: opts.ready_file,
+        },
+    ));
+    info!(listen = ?listen, admin = %admin_listen, threads, "floodwall starting");
+    server.run_forever();
+}
+
+/// Marks the process ready once every proxy listener accepts connections.
+struct Startup {
+    shared: Arc<Shared>,
+    listen: Vec<String>,
+    admin: String,
+    ready_file: Option<PathBuf>,
+}
+
+fn accepts(addr: &str) -> bool {
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .map(|mut sa| {
+            if sa.ip().is_unspecified() {
+                sa.set_ip(match sa {
+                    SocketAddr::V4(_) => [127, 0, 0, 1].into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            TcpStream::connect_timeout(&sa, Duration::from_millis(200)).is_ok()
+        })
+        .unwrap_or(false)
+}
+
+#[async_trait]
+impl BackgroundService for Startup {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addrs: Vec<String> = self.listen.iter().chain(std::iter::once(&self.admin)).cloned().collect();
+        loop {
+            let a = addrs.clone();
+            let all = tokio::task::spawn_blocking(move || a.iter().all(|x| accepts(x)))
+                .await
+                .unwrap_or(false);
+            if all {
+                break;
+            }
+            if Instant::now() > deadline {
+                error!(listen = ?addrs, "listeners did not come up within 30s");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.shared.health.listeners_bound.store(true, Ordering::Release);
+        self.shared.health.started.store(true, Ordering::Release);
+        info!(listen = ?self.listen, admin = %self.admin, "floodwall ready");
+        if let Some(path) = &self.ready_file {
+            let body = serde_json::json!({ "listen": self.listen, "admin": self.admin, "pid": std::process::id() });
+            let tmp = path.with_extension("tmp");
+            let written = std::fs::write(&tmp, body.to_string()).and_then(|_| std::fs::rename(&tmp, path));
+            if let Err(e) = written {
+                error!(file = %path.display(), "cannot write the ready file: {e}");
+            }
+        }
+    }
+}
