@@ -48,6 +48,12 @@ enum Command {
         #[arg(long, default_value_t = 9090)]
         admin_port: u16,
     },
+    /// Exit 0 when an HTTP GET to URL answers 2xx within 2 s (for container
+    /// health checks, where there is no curl).
+    Probe {
+        #[arg(default_value = "http://127.0.0.1:9090/health/live")]
+        url: String,
+    },
     /// Run the scriptable mock LLM backend on its own.
     Mock {
         #[arg(long, default_value = "127.0.0.1:8000")]
@@ -99,6 +105,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Probe { url } => match probe(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("floodwall probe: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Mock { listen, fault } => {
             logging::init(cli.log_format);
             let defaults = match floodwall::mock::FaultScript::parse(&fault) {
@@ -123,5 +136,36 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// A minimal HTTP/1.0 GET for `floodwall probe`.
+fn probe(url: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    use std::time::Duration;
+    let rest = url.strip_prefix("http://").ok_or("only http:// URLs are supported")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = authority
+        .to_socket_addrs()
+        .map_err(|e| format!("{authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{authority}: no address"))?;
+    let t = Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, t).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(t)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(t)).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut head = [0u8; 32];
+    let n = s.read(&mut head).map_err(|e| e.to_string())?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    let status = line.split_whitespace().nth(1).unwrap_or("");
+    if status.starts_with('2') {
+        Ok(())
+    } else {
+        Err(format!("{url} answered {status:?}"))
     }
 }

@@ -37,6 +37,7 @@ pub type Env<'e> = &'e dyn Fn(&str) -> Option<String>;
 /// the enclosing mapping, field). `backends.*` is any backend, `routes[]`
 /// any route.
 pub const NOT_SUPPORTED_YET: PlannedTable = &[
+    ("server", "max_connections"),
     ("", "identity"),
     ("", "prices"),
     ("", "rate_limits"),
@@ -54,21 +55,60 @@ pub const NOT_SUPPORTED_YET: PlannedTable = &[
 ];
 
 const ROOT_FIELDS: &[&str] = &["version", "server", "store", "backends", "routes"];
-const SERVER_FIELDS: &[&str] =
-    &["listen", "admin", "threads", "grace_period", "max_connections", "trusted_proxies", "cors"];
+const SERVER_FIELDS: &[&str] = &[
+    "listen",
+    "admin",
+    "threads",
+    "grace_period",
+    "trusted_proxies",
+    "cors",
+];
 const ADMIN_FIELDS: &[&str] = &["listen", "token_env"];
-const CORS_FIELDS: &[&str] =
-    &["allow_origins", "allow_methods", "allow_headers", "expose_headers", "allow_credentials", "max_age"];
+const CORS_FIELDS: &[&str] = &[
+    "allow_origins",
+    "allow_methods",
+    "allow_headers",
+    "expose_headers",
+    "allow_credentials",
+    "max_age",
+];
 const STORE_FIELDS: &[&str] = &["redis"];
-const REDIS_FIELDS: &[&str] = &["url", "url_env", "key_prefix", "timeout", "expected_replicas"];
+const REDIS_FIELDS: &[&str] = &[
+    "url",
+    "url_env",
+    "key_prefix",
+    "timeout",
+    "expected_replicas",
+];
 const BACKEND_FIELDS: &[&str] = &["endpoints", "host", "tls", "timeouts"];
 const TLS_FIELDS: &[&str] = &["ca_file", "verify"];
 const TIMEOUT_FIELDS: &[&str] = &["connect", "response_headers"];
-const ROUTE_FIELDS: &[&str] = &["name", "match", "rewrite", "websocket", "backend", "request", "timeouts"];
+const ROUTE_FIELDS: &[&str] = &[
+    "name",
+    "match",
+    "rewrite",
+    "websocket",
+    "backend",
+    "request",
+    "timeouts",
+];
 const MATCH_FIELDS: &[&str] = &["path", "path_prefix", "methods", "host", "header"];
 const REWRITE_FIELDS: &[&str] = &["strip_prefix"];
-const REQUEST_FIELDS: &[&str] = &["max_body", "json", "max_messages", "max_prompt_chars", "fields"];
-const FIELD_CHECK_FIELDS: &[&str] = &["path", "required", "min_chars", "max_chars", "max_bytes", "format"];
+const REQUEST_FIELDS: &[&str] = &[
+    "max_body",
+    "json",
+    "max_messages",
+    "max_prompt_chars",
+    "fields",
+];
+const FIELD_CHECK_FIELDS: &[&str] = &[
+    "path",
+    "required",
+    "min_chars",
+    "max_chars",
+    "max_bytes",
+    "format",
+];
 
 // Defaults and ranges, shared with docs/policy.md.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -97,13 +137,20 @@ const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
 const GIB: u64 = 1 << 30;
 
-const HTTP_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"];
+const HTTP_METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+];
 
 /// Compiles a parsed document. Returns `None` when any error was recorded
 /// in `ctx` (including errors recorded before the call).
 pub fn compile(root: &Node, ctx: &Ctx, env: Env<'_>, source: SourceInfo) -> Option<Snapshot> {
     if root.is_null() {
-        ctx.error(1, 1, "", "the file is empty; a policy starts with `version: 1`");
+        ctx.error(
+            1,
+            1,
+            "",
+            "the file is empty; a policy starts with `version: 1`",
+        );
         return None;
     }
     let root = ctx.root(root);
@@ -113,7 +160,9 @@ pub fn compile(root: &Node, ctx: &Ctx, env: Env<'_>, source: SourceInfo) -> Opti
         Some(v) => match v.int() {
             Some(1) => 1,
             Some(n) => {
-                v.error(format!("unsupported policy version {n}; this floodwall reads version 1"));
+                v.error(format!(
+                    "unsupported policy version {n}; this floodwall reads version 1"
+                ));
                 1
             }
             None => 1,
@@ -126,9 +175,18 @@ pub fn compile(root: &Node, ctx: &Ctx, env: Env<'_>, source: SourceInfo) -> Opti
     };
     let store = top.get("store").and_then(|v| store(&v, env));
 
-    let backend_entries = top.require("backends").map(|v| backends(&v)).unwrap_or_default();
-    let backend_names: Vec<String> = backend_entries.iter().map(|(name, _)| name.clone()).collect();
-    let routes = top.require("routes").map(|v| routes(&v, &backend_names)).unwrap_or_default();
+    let backend_entries = top
+        .require("backends")
+        .map(|v| backends(&v))
+        .unwrap_or_default();
+    let backend_names: Vec<String> = backend_entries
+        .iter()
+        .map(|(name, _)| name.clone())
+        .collect();
+    let routes = top
+        .require("routes")
+        .map(|v| routes(&v, &backend_names))
+        .unwrap_or_default();
     drop(top);
 
     if ctx.has_errors() {
@@ -141,20 +199,38 @@ pub fn compile(root: &Node, ctx: &Ctx, env: Env<'_>, source: SourceInfo) -> Opti
         backends.push(Arc::new(backend));
     }
     let routes = routes.into_iter().map(Arc::new).collect();
-    Some(Snapshot { version, source, server, store, backends, backend_index, routes })
+    Some(Snapshot {
+        version,
+        source,
+        server,
+        store,
+        backends,
+        backend_index,
+        routes,
+    })
 }
 
 // ---------------------------------------------------------------- server
 
 fn default_trusted_proxies() -> Vec<Cidr> {
     vec![
-        Cidr { addr: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), prefix: 8 },
-        Cidr { addr: IpAddr::V6(Ipv6Addr::LOCALHOST), prefix: 128 },
+        Cidr {
+            addr: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)),
+            prefix: 8,
+        },
+        Cidr {
+            addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
+            prefix: 128,
+        },
     ]
 }
 
 fn default_admin() -> AdminConfig {
-    AdminConfig { listen: DEFAULT_ADMIN_LISTEN.to_string(), token_env: None, token: None }
+    AdminConfig {
+        listen: DEFAULT_ADMIN_LISTEN.to_string(),
+        token_env: None,
+        token: None,
+    }
 }
 
 fn default_server() -> ServerConfig {
@@ -171,7 +247,9 @@ fn default_server() -> ServerConfig {
 
 fn server(v: &Value<'_>, env: Env<'_>) -> ServerConfig {
     let mut config = default_server();
-    let Some(mut m) = v.map(SERVER_FIELDS) else { return config };
+    let Some(mut m) = v.map(SERVER_FIELDS) else {
+        return config;
+    };
 
     if let Some(list) = m.get("listen") {
         if let Some(items) = list.list_or_one() {
@@ -180,7 +258,9 @@ fn server(v: &Value<'_>, env: Env<'_>) -> ServerConfig {
             }
             let mut listen: Vec<String> = Vec::new();
             for item in items {
-                let Some(addr) = item.parse_with("`host:port`", |s| net::check_listen(s).map(|()| s.to_string())) else {
+                let Some(addr) = item.parse_with("`host:port`", |s| {
+                    net::check_listen(s).map(|()| s.to_string())
+                }) else {
                     continue;
                 };
                 if listen.contains(&addr) {
@@ -198,8 +278,9 @@ fn server(v: &Value<'_>, env: Env<'_>) -> ServerConfig {
         config.admin = admin(&admin_value, &config.listen, env);
     }
     config.threads = m.usize_in("threads", 1..=1024);
-    config.grace_period = m.duration_in("grace_period", Duration::ZERO..=HOUR).unwrap_or(DEFAULT_GRACE_PERIOD);
-    config.max_connections = m.usize_in("max_connections", 1..=10_000_000);
+    config.grace_period = m
+        .duration_in("grace_period", Duration::ZERO..=HOUR)
+        .unwrap_or(DEFAULT_GRACE_PERIOD);
     if let Some(list) = m.get("trusted_proxies") {
         if let Some(items) = list.list_or_one() {
             config.trusted_proxies = items
@@ -214,12 +295,18 @@ fn server(v: &Value<'_>, env: Env<'_>) -> ServerConfig {
 
 fn admin(v: &Value<'_>, proxy_listen: &[String], env: Env<'_>) -> AdminConfig {
     let mut config = default_admin();
-    let Some(mut m) = v.map(ADMIN_FIELDS) else { return config };
+    let Some(mut m) = v.map(ADMIN_FIELDS) else {
+        return config;
+    };
     if let Some(listen) = m.get("listen") {
-        if let Some(addr) = listen.parse_with("`host:port`", |s| net::check_listen(s).map(|()| s.to_string())) {
+        if let Some(addr) = listen.parse_with("`host:port`", |s| {
+            net::check_listen(s).map(|()| s.to_string())
+        }) {
             // Port 0 means "pick a free port" for each listener, so it never clashes.
             if !addr.ends_with(":0") && proxy_listen.contains(&addr) {
-                listen.error(format!("`{addr}` is also a proxy listener (server.listen); use another port"));
+                listen.error(format!(
+                    "`{addr}` is also a proxy listener (server.listen); use another port"
+                ));
             }
             config.listen = addr;
         }
@@ -242,17 +329,27 @@ fn cors(v: &Value<'_>) -> CorsConfig {
     let mut config = CorsConfig {
         allow_origins: Vec::new(),
         allow_methods: DEFAULT_CORS_METHODS.iter().map(|s| s.to_string()).collect(),
-        allow_headers: DEFAULT_CORS_ALLOW_HEADERS.iter().map(|s| s.to_string()).collect(),
-        expose_headers: DEFAULT_CORS_EXPOSE_HEADERS.iter().map(|s| s.to_string()).collect(),
+        allow_headers: DEFAULT_CORS_ALLOW_HEADERS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        expose_headers: DEFAULT_CORS_EXPOSE_HEADERS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         allow_credentials: false,
         max_age: DEFAULT_CORS_MAX_AGE,
     };
-    let Some(mut m) = v.map(CORS_FIELDS) else { return config };
+    let Some(mut m) = v.map(CORS_FIELDS) else {
+        return config;
+    };
 
     if let Some(list) = m.require("allow_origins") {
         if let Some(items) = list.list_or_one() {
-            config.allow_origins =
-                items.iter().filter_map(|item| item.parse_with("an origin", net::parse_origin)).collect();
+            config.allow_origins = items
+                .iter()
+                .filter_map(|item| item.parse_with("an origin", net::parse_origin))
+                .collect();
             if items.is_empty() {
                 list.error("must list at least one origin (or `*`)");
             }
@@ -260,7 +357,11 @@ fn cors(v: &Value<'_>) -> CorsConfig {
     }
     if let Some(list) = m.get("allow_methods") {
         if let Some(items) = list.list_or_one() {
-            config.allow_methods = items.iter().filter_map(method).map(|m| m.to_string()).collect();
+            config.allow_methods = items
+                .iter()
+                .filter_map(method)
+                .map(|m| m.to_string())
+                .collect();
         }
     }
     if let Some(list) = m.get("allow_headers") {
@@ -278,13 +379,17 @@ fn cors(v: &Value<'_>) -> CorsConfig {
             );
         }
     }
-    config.max_age = m.duration_in("max_age", Duration::ZERO..=DAY).unwrap_or(DEFAULT_CORS_MAX_AGE);
+    config.max_age = m
+        .duration_in("max_age", Duration::ZERO..=DAY)
+        .unwrap_or(DEFAULT_CORS_MAX_AGE);
     config
 }
 
 /// A list of header names (lower-cased), or `*`.
 fn header_list(list: &Value<'_>) -> Vec<String> {
-    let Some(items) = list.list_or_one() else { return Vec::new() };
+    let Some(items) = list.list_or_one() else {
+        return Vec::new();
+    };
     items
         .iter()
         .filter_map(|item| {
@@ -308,24 +413,44 @@ fn store(v: &Value<'_>, env: Env<'_>) -> Option<StoreConfig> {
     let key_prefix = match r.get("key_prefix") {
         Some(p) => p
             .parse_with("a key prefix", |s| {
-                let ok = !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
+                let ok = !s.is_empty()
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
                 if ok {
                     Ok(s.to_string())
                 } else {
-                    Err(format!("`{s}` is not a valid key prefix (use letters, digits, `_`, `-`, `.`, `:`)"))
+                    Err(format!(
+                        "`{s}` is not a valid key prefix (use letters, digits, `_`, `-`, `.`, `:`)"
+                    ))
                 }
             })
             .unwrap_or_default(),
         None => DEFAULT_KEY_PREFIX.to_string(),
     };
-    let timeout = r.duration_in("timeout", MS..=Duration::from_secs(10)).unwrap_or(DEFAULT_REDIS_TIMEOUT);
-    let expected_replicas = r.u64_in("expected_replicas", 1..=1000).map_or(1, |n| n as u32);
-    Some(StoreConfig { redis: RedisConfig { url: url?, key_prefix, timeout, expected_replicas } })
+    let timeout = r
+        .duration_in("timeout", MS..=Duration::from_secs(10))
+        .unwrap_or(DEFAULT_REDIS_TIMEOUT);
+    let expected_replicas = r
+        .u64_in("expected_replicas", 1..=1000)
+        .map_or(1, |n| n as u32);
+    Some(StoreConfig {
+        redis: RedisConfig {
+            url: url?,
+            key_prefix,
+            timeout,
+            expected_replicas,
+        },
+    })
 }
 
 /// The Redis URL from exactly one of `url` and `url_env`. Its text may hold
 /// a password, so no message ever echoes it.
-fn redis_url(redis: &Value<'_>, url: Option<Value<'_>>, url_env: Option<Value<'_>>, env: Env<'_>) -> Option<String> {
+fn redis_url(
+    redis: &Value<'_>,
+    url: Option<Value<'_>>,
+    url_env: Option<Value<'_>>,
+    env: Env<'_>,
+) -> Option<String> {
     match (url, url_env) {
         (Some(_), Some(url_env)) => {
             url_env.error("set either `url` or `url_env`, not both");
@@ -348,7 +473,9 @@ fn redis_url(redis: &Value<'_>, url: Option<Value<'_>>, url_env: Option<Value<'_
             let name = env_var_name(&url_env)?;
             match env(&name).filter(|u| !u.trim().is_empty()) {
                 None => {
-                    url_env.error(format!("environment variable `{name}` is not set or is empty"));
+                    url_env.error(format!(
+                        "environment variable `{name}` is not set or is empty"
+                    ));
                     None
                 }
                 Some(value) if !is_redis_url(&value) => {
@@ -362,20 +489,26 @@ fn redis_url(redis: &Value<'_>, url: Option<Value<'_>>, url_env: Option<Value<'_
 }
 
 fn is_redis_url(text: &str) -> bool {
-    ["redis://", "rediss://"]
-        .iter()
-        .any(|scheme| text.strip_prefix(scheme).is_some_and(|rest| !rest.trim().is_empty()))
+    ["redis://", "rediss://"].iter().any(|scheme| {
+        text.strip_prefix(scheme)
+            .is_some_and(|rest| !rest.trim().is_empty())
+    })
 }
 
 /// Reads a `*_env` field: the name of an environment variable.
 fn env_var_name(v: &Value<'_>) -> Option<String> {
     v.parse_with("an environment variable name", |s| {
-        let ok = s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        let ok = s
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if ok {
             Ok(s.to_string())
         } else {
-            Err(format!("`{s}` is not a valid environment variable name (letters, digits and `_`)"))
+            Err(format!(
+                "`{s}` is not a valid environment variable name (letters, digits and `_`)"
+            ))
         }
     })
 }
@@ -383,13 +516,17 @@ fn env_var_name(v: &Value<'_>) -> Option<String> {
 // ---------------------------------------------------------------- backends
 
 fn is_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
 /// Every backend in file order, with its name, whether or not its body was
 /// valid (errors are in the context).
 fn backends(v: &Value<'_>) -> Vec<(String, Backend)> {
-    let Some(entries) = v.entries() else { return Vec::new() };
+    let Some(entries) = v.entries() else {
+        return Vec::new();
+    };
     if entries.is_empty() {
         v.error("define at least one backend");
     }
@@ -401,7 +538,10 @@ fn backends(v: &Value<'_>) -> Vec<(String, Backend)> {
                     key.line,
                     key.col,
                     value.path(),
-                    format!("backend name `{}` must use only a-z, 0-9, `_` and `-`", key.name),
+                    format!(
+                        "backend name `{}` must use only a-z, 0-9, `_` and `-`",
+                        key.name
+                    ),
                 );
             }
             (key.name.clone(), backend(&key.name, &value))
@@ -414,13 +554,18 @@ fn backend(name: &str, v: &Value<'_>) -> Backend {
         name: name.to_string(),
         endpoints: Vec::new(),
         host: None,
-        tls: TlsConfig { ca_file: None, verify: true },
+        tls: TlsConfig {
+            ca_file: None,
+            verify: true,
+        },
         timeouts: BackendTimeouts {
             connect: DEFAULT_CONNECT_TIMEOUT,
             response_headers: DEFAULT_RESPONSE_HEADERS_TIMEOUT,
         },
     };
-    let Some(mut m) = v.map(BACKEND_FIELDS) else { return backend };
+    let Some(mut m) = v.map(BACKEND_FIELDS) else {
+        return backend;
+    };
 
     if let Some(list) = m.require("endpoints") {
         if let Some(items) = list.list_or_one() {
@@ -442,15 +587,20 @@ fn backend(name: &str, v: &Value<'_>) -> Backend {
     });
     if let Some(tls) = m.get("tls") {
         if let Some(mut t) = tls.map(TLS_FIELDS) {
-            backend.tls.ca_file = t.get("ca_file").and_then(|f| f.parse_with("a file path", check_readable_file));
+            backend.tls.ca_file = t
+                .get("ca_file")
+                .and_then(|f| f.parse_with("a file path", check_readable_file));
             backend.tls.verify = t.bool("verify").unwrap_or(true);
         }
     }
     if let Some(timeouts) = m.get("timeouts") {
         if let Some(mut t) = timeouts.map(TIMEOUT_FIELDS) {
-            backend.timeouts.connect = t.duration_in("connect", MS..=10 * MINUTE).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-            backend.timeouts.response_headers =
-                t.duration_in("response_headers", MS..=DAY).unwrap_or(DEFAULT_RESPONSE_HEADERS_TIMEOUT);
+            backend.timeouts.connect = t
+                .duration_in("connect", MS..=10 * MINUTE)
+                .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+            backend.timeouts.response_headers = t
+                .duration_in("response_headers", MS..=DAY)
+                .unwrap_or(DEFAULT_RESPONSE_HEADERS_TIMEOUT);
         }
     }
     backend
@@ -464,7 +614,9 @@ fn check_readable_file(path: &str) -> Result<PathBuf, String> {
     }
     let p = PathBuf::from(path);
     match std::fs::metadata(&p) {
-        Ok(meta) if meta.is_dir() => return Err(format!("`{path}` is a directory, not a PEM file")),
+        Ok(meta) if meta.is_dir() => {
+            return Err(format!("`{path}` is a directory, not a PEM file"))
+        }
         Ok(_) => {}
         Err(e) => return Err(format!("cannot read `{path}`: {e}")),
     }
@@ -475,18 +627,24 @@ fn check_readable_file(path: &str) -> Result<PathBuf, String> {
 // ---------------------------------------------------------------- routes
 
 fn routes(v: &Value<'_>, backend_names: &[String]) -> Vec<Route> {
-    let Some(items) = v.list() else { return Vec::new() };
+    let Some(items) = v.list() else {
+        return Vec::new();
+    };
     if items.is_empty() {
         v.error("define at least one route");
     }
     let mut seen: Vec<(String, String)> = Vec::new();
     let mut out = Vec::with_capacity(items.len());
     for item in items {
-        let Some(mut m) = item.map(ROUTE_FIELDS) else { continue };
+        let Some(mut m) = item.map(ROUTE_FIELDS) else {
+            continue;
+        };
         let name = m.require("name").and_then(|n| {
             let name = n.str()?;
             if !is_name(name) {
-                n.error(format!("route name `{name}` must use only a-z, 0-9, `_` and `-`"));
+                n.error(format!(
+                    "route name `{name}` must use only a-z, 0-9, `_` and `-`"
+                ));
             } else if let Some((_, other)) = seen.iter().find(|(s, _)| s == name) {
                 n.error(format!("duplicate route name `{name}` (also {other})"));
             } else {
@@ -504,7 +662,9 @@ fn route(m: &mut Map<'_>, name: String, backend_names: &[String]) -> Route {
         Some(v) => route_match(&v),
         None => (match_everything(), false),
     };
-    let rewrite = m.get("rewrite").and_then(|v| rewrite(&v, path_valid.then_some(&matcher.path)));
+    let rewrite = m
+        .get("rewrite")
+        .and_then(|v| rewrite(&v, path_valid.then_some(&matcher.path)));
     let websocket = m.bool("websocket").unwrap_or(false);
     let (backend, backend_name) = match m.require("backend") {
         Some(v) => backend_ref(&v, backend_names),
@@ -521,11 +681,22 @@ fn route(m: &mut Map<'_>, name: String, backend_names: &[String]) -> Route {
             timeouts.response_headers = t.duration_in("response_headers", MS..=DAY);
         }
     }
-    Route { name, matcher, rewrite, websocket, backend, backend_name, request, timeouts }
+    Route {
+        name,
+        matcher,
+        rewrite,
+        websocket,
+        backend,
+        backend_name,
+        request,
+        timeouts,
+    }
 }
 
 fn backend_ref(v: &Value<'_>, backend_names: &[String]) -> (usize, String) {
-    let Some(name) = v.str() else { return (0, String::new()) };
+    let Some(name) = v.str() else {
+        return (0, String::new());
+    };
     if let Some(i) = backend_names.iter().position(|b| b == name) {
         return (i, name.to_string());
     }
@@ -533,7 +704,11 @@ fn backend_ref(v: &Value<'_>, backend_names: &[String]) -> (usize, String) {
     if names.is_empty() {
         v.error(format!("unknown backend `{name}`; no backends are defined"));
     } else {
-        v.error(format!("unknown backend `{name}`; defined backends: {}{}", list_names(&names), hint(name, &names)));
+        v.error(format!(
+            "unknown backend `{name}`; defined backends: {}{}",
+            list_names(&names),
+            hint(name, &names)
+        ));
     }
     (0, name.to_string())
 }
@@ -544,7 +719,9 @@ fn url_path(v: &Value<'_>, what: &str) -> Option<String> {
         if !s.starts_with('/') {
             Err(format!("{what} must start with `/` (was `{s}`)"))
         } else if s.contains(|c: char| c.is_whitespace() || c == '?' || c == '#') {
-            Err(format!("{what} must not contain spaces, `?` or `#` (was `{s}`)"))
+            Err(format!(
+                "{what} must not contain spaces, `?` or `#` (was `{s}`)"
+            ))
         } else {
             Ok(s.to_string())
         }
@@ -552,7 +729,12 @@ fn url_path(v: &Value<'_>, what: &str) -> Option<String> {
 }
 
 fn match_everything() -> RouteMatch {
-    RouteMatch { path: PathMatch::Prefix("/".into()), methods: Vec::new(), host: None, headers: Vec::new() }
+    RouteMatch {
+        path: PathMatch::Prefix("/".into()),
+        methods: Vec::new(),
+        host: None,
+        headers: Vec::new(),
+    }
 }
 
 /// The route's matcher, and whether its path was valid (so that checks
@@ -560,10 +742,15 @@ fn match_everything() -> RouteMatch {
 fn route_match(v: &Value<'_>) -> (RouteMatch, bool) {
     let mut matcher = match_everything();
     let mut path_valid = false;
-    let Some(mut m) = v.map(MATCH_FIELDS) else { return (matcher, false) };
+    let Some(mut m) = v.map(MATCH_FIELDS) else {
+        return (matcher, false);
+    };
     match (m.get("path"), m.get("path_prefix")) {
         (Some(_), Some(prefix)) => prefix.error("set `path` (exact) or `path_prefix`, not both"),
-        (None, None) => v.error("set `path` (exact match) or `path_prefix` (use `path_prefix: /` to match everything)"),
+        (None, None) if m.misspelled(&["path", "path_prefix"]) => {}
+        (None, None) => v.error(
+            "set `path` (exact match) or `path_prefix` (use `path_prefix: /` to match everything)",
+        ),
         (Some(path), None) => {
             if let Some(p) = url_path(&path, "a path") {
                 matcher.path = PathMatch::Exact(p);
@@ -592,9 +779,9 @@ fn route_match(v: &Value<'_>) -> (RouteMatch, bool) {
     matcher.host = m.get("host").and_then(|h| {
         h.parse_with("a host name", |s| {
             let host = s.to_ascii_lowercase();
-            net::check_hostname(&host)
-                .map(|()| host)
-                .map_err(|why| format!("{why}; write the bare host, without scheme or port (e.g. api.example.com)"))
+            net::check_hostname(&host).map(|()| host).map_err(|why| {
+                format!("{why}; write the bare host, without scheme or port (e.g. api.example.com)")
+            })
         })
     });
     if let Some(headers) = m.get("header") {
@@ -655,14 +842,22 @@ fn rewrite(v: &Value<'_>, path: Option<&PathMatch>) -> Option<Rewrite> {
         let trimmed = prefix.trim_end_matches('/');
         strip.error(format!(
             "must not end with `/` (the rest of the path keeps its leading slash){}",
-            if trimmed.is_empty() { String::new() } else { format!("; write `{trimmed}`") }
+            if trimmed.is_empty() {
+                String::new()
+            } else {
+                format!("; write `{trimmed}`")
+            }
         ));
         return None;
     }
     let (kind, route_path) = match path {
         Some(PathMatch::Exact(p)) => ("path", p),
         Some(PathMatch::Prefix(p)) => ("path_prefix", p),
-        None => return Some(Rewrite { strip_prefix: Some(prefix) }),
+        None => {
+            return Some(Rewrite {
+                strip_prefix: Some(prefix),
+            })
+        }
     };
     let aligned = route_path
         .strip_prefix(prefix.as_str())
@@ -672,18 +867,28 @@ fn rewrite(v: &Value<'_>, path: Option<&PathMatch>) -> Option<Rewrite> {
             "the route's {kind} `{route_path}` does not start with `{prefix}` followed by `/`, so requests on this route would not be rewritten"
         ));
     }
-    Some(Rewrite { strip_prefix: Some(prefix) })
+    Some(Rewrite {
+        strip_prefix: Some(prefix),
+    })
 }
 
 // ---------------------------------------------------------------- request checks
 
 fn default_request() -> RequestPolicy {
-    RequestPolicy { max_body: DEFAULT_MAX_BODY, json: JsonMode::Auto, max_messages: None, max_prompt_chars: None, fields: Vec::new() }
+    RequestPolicy {
+        max_body: DEFAULT_MAX_BODY,
+        json: JsonMode::Auto,
+        max_messages: None,
+        max_prompt_chars: None,
+        fields: Vec::new(),
+    }
 }
 
 fn request(v: &Value<'_>) -> RequestPolicy {
     let mut policy = default_request();
-    let Some(mut m) = v.map(REQUEST_FIELDS) else { return policy };
+    let Some(mut m) = v.map(REQUEST_FIELDS) else {
+        return policy;
+    };
     policy.max_body = m
         .size_in("max_body", 1..=GIB)
         .and_then(|b| usize::try_from(b).ok())
@@ -691,16 +896,27 @@ fn request(v: &Value<'_>) -> RequestPolicy {
     let json = m.get("json");
     policy.json = json
         .as_ref()
-        .and_then(|j| j.one_of(&[("auto", JsonMode::Auto), ("required", JsonMode::Required), ("off", JsonMode::Off)]))
+        .and_then(|j| {
+            j.one_of(&[
+                ("auto", JsonMode::Auto),
+                ("required", JsonMode::Required),
+                ("off", JsonMode::Off),
+            ])
+        })
         .unwrap_or(JsonMode::Auto);
     policy.max_messages = m.usize_in("max_messages", 1..=100_000);
     policy.max_prompt_chars = m.usize_in("max_prompt_chars", 1..=100_000_000);
     if let Some(list) = m.get("fields") {
         let mut paths: Vec<String> = Vec::new();
         for item in list.list().unwrap_or_default() {
-            let Some(check) = field_check(&item, policy.max_body) else { continue };
+            let Some(check) = field_check(&item, policy.max_body) else {
+                continue;
+            };
             if paths.contains(&check.path) {
-                item.error(format!("`{}` is checked twice in this route; merge the two entries", check.path));
+                item.error(format!(
+                    "`{}` is checked twice in this route; merge the two entries",
+                    check.path
+                ));
                 continue;
             }
             paths.push(check.path.clone());
@@ -708,7 +924,9 @@ fn request(v: &Value<'_>) -> RequestPolicy {
         }
     }
     if let (Some(json), JsonMode::Off) = (&json, policy.json) {
-        let uses_body = policy.max_messages.is_some() || policy.max_prompt_chars.is_some() || !policy.fields.is_empty();
+        let uses_body = policy.max_messages.is_some()
+            || policy.max_prompt_chars.is_some()
+            || !policy.fields.is_empty();
         if uses_body {
             json.error("`json: off` turns off body parsing, so max_messages, max_prompt_chars and fields could never apply; remove them or use `auto`");
         }
@@ -725,13 +943,20 @@ fn field_check(v: &Value<'_>, max_body: usize) -> Option<FieldCheck> {
     let max_value = m.get("max_chars");
     let max_chars = max_value.as_ref().and_then(|x| x.usize_in(1..=100_000_000));
     let bytes_value = m.get("max_bytes");
-    let max_bytes = bytes_value.as_ref().and_then(|x| x.size_in(1..=GIB)).and_then(|b| usize::try_from(b).ok());
+    let max_bytes = bytes_value
+        .as_ref()
+        .and_then(|x| x.size_in(1..=GIB))
+        .and_then(|b| usize::try_from(b).ok());
     let format_value = m.get("format");
-    let format = format_value.as_ref().and_then(|f| f.one_of(&[("uuid", FieldFormat::Uuid)]));
+    let format = format_value
+        .as_ref()
+        .and_then(|f| f.one_of(&[("uuid", FieldFormat::Uuid)]));
 
     if let (Some(min), Some(max), Some(at)) = (min_chars, max_chars, &min_value) {
         if min > max {
-            at.error(format!("min_chars ({min}) is larger than max_chars ({max})"));
+            at.error(format!(
+                "min_chars ({min}) is larger than max_chars ({max})"
+            ));
         }
     }
     if let (Some(bytes), Some(at)) = (max_bytes, &bytes_value) {
@@ -757,12 +982,25 @@ fn field_check(v: &Value<'_>, max_body: usize) -> Option<FieldCheck> {
     let path_value = path_value?;
     let path = path_value.parse_with("a dotted field path", |s| {
         let segments: Vec<&str> = s.split('.').collect();
-        if segments.iter().any(|seg| seg.trim().is_empty() || seg.trim() != *seg) {
-            Err(format!("`{s}` is not a dotted field path such as `query` or `metadata.sessionId`"))
+        if segments
+            .iter()
+            .any(|seg| seg.trim().is_empty() || seg.trim() != *seg)
+        {
+            Err(format!(
+                "`{s}` is not a dotted field path such as `query` or `metadata.sessionId`"
+            ))
         } else {
             Ok(s.to_string())
         }
     })?;
     let segments = path.split('.').map(str::to_string).collect();
-    Some(FieldCheck { path, segments, required, min_chars, max_chars, max_bytes, format })
+    Some(FieldCheck {
+        path,
+        segments,
+        required,
+        min_chars,
+        max_chars,
+        max_bytes,
+        format,
+    })
 }

@@ -40,7 +40,11 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(file: &str, planned: PlannedTable) -> Self {
-        Ctx { file: file.to_string(), planned, errors: RefCell::new(Vec::new()) }
+        Ctx {
+            file: file.to_string(),
+            planned,
+            errors: RefCell::new(Vec::new()),
+        }
     }
 
     /// Records an error at a position.
@@ -68,7 +72,12 @@ impl Ctx {
 
     /// The document root as a value with an empty path.
     pub fn root<'a>(&'a self, node: &'a Node) -> Value<'a> {
-        Value { ctx: self, node, path: String::new(), schema: String::new() }
+        Value {
+            ctx: self,
+            node,
+            path: String::new(),
+            schema: String::new(),
+        }
     }
 }
 
@@ -104,7 +113,8 @@ impl<'a> Value<'a> {
 
     /// Records an error at this value.
     pub fn error(&self, message: impl Into<String>) {
-        self.ctx.error(self.node.line, self.node.col, &self.path, message);
+        self.ctx
+            .error(self.node.line, self.node.col, &self.path, message);
     }
 
     /// "expected X, got Y".
@@ -202,7 +212,12 @@ impl<'a> Value<'a> {
     /// A list of strings. Items that are not strings are reported and left out.
     pub fn string_list(&self) -> Option<Vec<(String, Value<'a>)>> {
         let items = self.list()?;
-        Some(items.into_iter().filter_map(|item| Some((item.string()?, item))).collect())
+        Some(
+            items
+                .into_iter()
+                .filter_map(|item| Some((item.string()?, item)))
+                .collect(),
+        )
     }
 
     /// Any scalar, as text (numbers and booleans as written).
@@ -279,7 +294,11 @@ impl<'a> Value<'a> {
         match u64::try_from(n) {
             Ok(v) if range.contains(&v) => Some(v),
             _ => {
-                self.error(format!("must be {}..={} (was {n})", range.start(), range.end()));
+                self.error(format!(
+                    "must be {}..={} (was {n})",
+                    range.start(),
+                    range.end()
+                ));
                 None
             }
         }
@@ -292,7 +311,11 @@ impl<'a> Value<'a> {
     }
 
     /// Any scalar parsed by `parse`, whose error text is used as the message.
-    pub fn parse_with<T>(&self, expected: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+    pub fn parse_with<T>(
+        &self,
+        expected: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
         let Some((text, _)) = self.node.as_scalar() else {
             self.type_error(expected);
             return None;
@@ -317,7 +340,11 @@ impl<'a> Value<'a> {
         if range.contains(&d) {
             return Some(d);
         }
-        let was = self.node.as_scalar().map(|(t, _)| t.to_string()).unwrap_or_default();
+        let was = self
+            .node
+            .as_scalar()
+            .map(|(t, _)| t.to_string())
+            .unwrap_or_default();
         self.error(format!(
             "must be {}..={} (was {was})",
             format_duration(*range.start()),
@@ -342,7 +369,11 @@ impl<'a> Value<'a> {
         if range.contains(&bytes) {
             return Some(bytes);
         }
-        self.error(format!("must be {}..={} (was {text})", format_size(*range.start()), format_size(*range.end())));
+        self.error(format!(
+            "must be {}..={} (was {text})",
+            format_size(*range.start()),
+            format_size(*range.end())
+        ));
         None
     }
 
@@ -358,7 +389,11 @@ impl<'a> Value<'a> {
             return Some(*v);
         }
         let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
-        self.error(format!("must be one of {} (was `{text}`){}", list_names(&names), hint(text, &names)));
+        self.error(format!(
+            "must be one of {} (was `{text}`){}",
+            list_names(&names),
+            hint(text, &names)
+        ));
         None
     }
 }
@@ -387,7 +422,11 @@ impl<'a> Map<'a> {
     }
 
     fn find(&self, key: &str) -> Option<usize> {
-        debug_assert!(self.fields.contains(&key), "`{key}` is not declared in the field list of {}", self.value.schema);
+        debug_assert!(
+            self.fields.contains(&key),
+            "`{key}` is not declared in the field list of {}",
+            self.value.schema
+        );
         self.entries.iter().position(|(k, _)| k.name == key)
     }
 
@@ -413,10 +452,21 @@ impl<'a> Map<'a> {
         self.find(key).is_some_and(|i| !self.entries[i].1.is_null())
     }
 
-    /// Like [`Map::get`], but a missing value is an error.
+    /// Whether some key that is not a field of this mapping looks like a
+    /// misspelling of one of `names`. Its "unknown field ... did you mean"
+    /// error then already explains why those fields are missing.
+    pub fn misspelled(&self, names: &[&str]) -> bool {
+        self.entries.iter().any(|(k, _)| {
+            !self.fields.contains(&k.name.as_str())
+                && did_you_mean(&k.name, self.fields).is_some_and(|best| names.contains(&best))
+        })
+    }
+
+    /// Like [`Map::get`], but a missing value is an error (unless the field
+    /// was misspelled, which is reported as an unknown field instead).
     pub fn require(&mut self, key: &str) -> Option<Value<'a>> {
         let found = self.get(key);
-        if found.is_none() {
+        if found.is_none() && !(self.find(key).is_none() && self.misspelled(&[key])) {
             let (line, col) = match self.find(key) {
                 Some(i) => (self.entries[i].0.line, self.entries[i].0.col),
                 None => (self.value.line(), self.value.col()),
@@ -425,7 +475,9 @@ impl<'a> Map<'a> {
                 Some(_) => format!("`{key}` must have a value"),
                 None => format!("missing required field `{key}`"),
             };
-            self.value.ctx.error(line, col, &self.value.join(key), message);
+            self.value
+                .ctx
+                .error(line, col, &self.value.join(key), message);
         }
         found
     }
@@ -482,7 +534,11 @@ impl<'a> Map<'a> {
                 candidates.extend(&planned);
                 match did_you_mean(&key.name, &candidates) {
                     Some(best) => format!("unknown field `{}`; did you mean `{best}`?", key.name),
-                    None => format!("unknown field `{}`; expected one of {}", key.name, list_names(self.fields)),
+                    None => format!(
+                        "unknown field `{}`; expected one of {}",
+                        key.name,
+                        list_names(self.fields)
+                    ),
                 }
             };
             self.value.ctx.error(key.line, key.col, &path, message);
@@ -498,12 +554,18 @@ impl Drop for Map<'_> {
 
 /// `` `a`, `b`, `c` ``
 pub fn list_names(names: &[&str]) -> String {
-    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `"; did you mean `x`?"` when a candidate is close, else empty.
 pub fn hint(word: &str, candidates: &[&str]) -> String {
-    did_you_mean(word, candidates).map(|best| format!("; did you mean `{best}`?")).unwrap_or_default()
+    did_you_mean(word, candidates)
+        .map(|best| format!("; did you mean `{best}`?"))
+        .unwrap_or_default()
 }
 
 /// The candidate closest to `word` if it is close enough to be a typo:
@@ -545,7 +607,9 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut d = (rows[i - 1][j] + 1).min(rows[i][j - 1] + 1).min(rows[i - 1][j - 1] + cost);
+            let mut d = (rows[i - 1][j] + 1)
+                .min(rows[i][j - 1] + 1)
+                .min(rows[i - 1][j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 d = d.min(rows[i - 2][j - 2] + 1);
             }
@@ -590,16 +654,22 @@ mod tests {
 
     #[test]
     fn typed_getters_report_range_type_and_position() {
-        let errors = with_root("a: 0\nb: \"3\"\nc: yes\nd: 20m\ne: 2GiB\nf: nope\ng: 1.5\n", |root| {
-            let mut m = root.map(&["a", "b", "c", "d", "e", "f", "g"]).unwrap();
-            assert_eq!(m.u64_in("a", 1..=10), None);
-            assert_eq!(m.u64_in("b", 1..=10), None);
-            assert_eq!(m.bool("c"), None);
-            assert_eq!(m.duration_in("d", Duration::from_millis(1)..=Duration::from_secs(600)), None);
-            assert_eq!(m.size_in("e", 1..=1 << 30), None);
-            assert_eq!(m.one_of("f", &[("auto", 1), ("off", 2)]), None);
-            assert_eq!(m.u64_in("g", 1..=10), None);
-        });
+        let errors = with_root(
+            "a: 0\nb: \"3\"\nc: yes\nd: 20m\ne: 2GiB\nf: nope\ng: 1.5\n",
+            |root| {
+                let mut m = root.map(&["a", "b", "c", "d", "e", "f", "g"]).unwrap();
+                assert_eq!(m.u64_in("a", 1..=10), None);
+                assert_eq!(m.u64_in("b", 1..=10), None);
+                assert_eq!(m.bool("c"), None);
+                assert_eq!(
+                    m.duration_in("d", Duration::from_millis(1)..=Duration::from_secs(600)),
+                    None
+                );
+                assert_eq!(m.size_in("e", 1..=1 << 30), None);
+                assert_eq!(m.one_of("f", &[("auto", 1), ("off", 2)]), None);
+                assert_eq!(m.u64_in("g", 1..=10), None);
+            },
+        );
         let shown: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
         assert_eq!(
             shown,
@@ -642,7 +712,10 @@ mod tests {
             }
         });
         assert_eq!(errors.len(), 1);
-        assert_eq!(errors[0].to_string(), "t.yaml:3:5 routes[1].name: missing required field `name`");
+        assert_eq!(
+            errors[0].to_string(),
+            "t.yaml:3:5 routes[1].name: missing required field `name`"
+        );
     }
 
     #[test]

@@ -53,8 +53,16 @@ impl fmt::Display for ConfigError {
         match (self.line, self.path.is_empty()) {
             (0, true) => write!(f, "{}: {}", self.file, self.message),
             (0, false) => write!(f, "{}: {}: {}", self.file, self.path, self.message),
-            (_, true) => write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message),
-            (_, false) => write!(f, "{}:{}:{} {}: {}", self.file, self.line, self.column, self.path, self.message),
+            (_, true) => write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            ),
+            (_, false) => write!(
+                f,
+                "{}:{}:{} {}: {}",
+                self.file, self.line, self.column, self.path, self.message
+            ),
         }
     }
 }
@@ -103,13 +111,28 @@ impl From<ConfigError> for ConfigErrors {
 /// Reads and compiles a policy file. Environment variables named by
 /// `*_env` fields are read from the process environment.
 pub fn load_file(path: &Path) -> Result<Snapshot, ConfigErrors> {
+    load_file_with_env(path, &|name| std::env::var(name).ok())
+}
+
+/// [`load_file`] with an injected environment lookup.
+pub fn load_file_with_env(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Snapshot, ConfigErrors> {
     let label = path.display().to_string();
-    let file_error = |message: String| ConfigError { file: label.clone(), line: 0, column: 0, path: String::new(), message };
-    let bytes = std::fs::read(path).map_err(|e| file_error(format!("cannot read the policy file: {e}")))?;
+    let file_error = |message: String| ConfigError {
+        file: label.clone(),
+        line: 0,
+        column: 0,
+        path: String::new(),
+        message,
+    };
+    let bytes =
+        std::fs::read(path).map_err(|e| file_error(format!("cannot read the policy file: {e}")))?;
     let text = String::from_utf8(bytes).map_err(|e| {
-        file_error(format!("the policy file is not valid UTF-8 (first bad byte at offset {})", e.utf8_error().valid_up_to()))
+        file_error(format!(
+            "the policy file is not valid UTF-8 (first bad byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
     })?;
-    compile_str(&text, &label)
+    compile_str_with_env(&text, &label, env)
 }
 
 /// Compiles policy text. `file_label` is used in error messages and as
@@ -130,8 +153,15 @@ pub fn compile_str_with_env(
     for e in &parsed.errors {
         ctx.error(e.line, e.col, "", e.message.clone());
     }
-    let source = SourceInfo { path: PathBuf::from(file_label), hash: sha256_hex(text), loaded_at: SystemTime::now() };
-    let snapshot = parsed.root.as_ref().and_then(|root| compile::compile(root, &ctx, env, source));
+    let source = SourceInfo {
+        path: PathBuf::from(file_label),
+        hash: sha256_hex(text),
+        loaded_at: SystemTime::now(),
+    };
+    let snapshot = parsed
+        .root
+        .as_ref()
+        .and_then(|root| compile::compile(root, &ctx, env, source));
     match snapshot {
         Some(snapshot) if !ctx.has_errors() => Ok(snapshot),
         _ => {
@@ -152,7 +182,10 @@ pub fn compile_str_with_env(
 }
 
 fn sha256_hex(text: &str) -> String {
-    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `floodwall check FILE...`: prints `FILE: ok` (stdout) or every error
@@ -161,7 +194,24 @@ pub fn check_files(paths: &[PathBuf]) -> bool {
     let mut failed = 0usize;
     let mut error_count = 0usize;
     for path in paths {
-        match load_file(path) {
+        // `check` validates the file, not the machine it runs on: a secret
+        // held in an unset environment variable is noted, not an error
+        // (`run` refuses to start without it).
+        let unset = std::cell::RefCell::new(Vec::<String>::new());
+        let env = |name: &str| {
+            std::env::var(name).ok().filter(|v| !v.is_empty()).or_else(|| {
+                unset.borrow_mut().push(name.to_string());
+                Some(format!("placeholder-for-{name}"))
+            })
+        };
+        let result = load_file_with_env(path, &env);
+        for name in unset.borrow().iter() {
+            eprintln!(
+                "{}: note: environment variable {name} is not set here; `floodwall run` needs it",
+                path.display()
+            );
+        }
+        match result {
             Ok(_) => println!("{}: ok", path.display()),
             Err(errors) => {
                 failed += 1;
@@ -186,7 +236,8 @@ pub fn check_files(paths: &[PathBuf]) -> bool {
 }
 
 /// The settings that differ between `old` and `new` and only take effect
-/// after a restart (listeners and worker threads), by their policy path.
+/// after a restart (listeners, worker threads, shutdown grace period), by
+/// their policy path, for the reload log.
 pub fn restart_required(old: &Snapshot, new: &Snapshot) -> Vec<String> {
     let mut changed = Vec::new();
     if old.server.listen != new.server.listen {
@@ -197,6 +248,10 @@ pub fn restart_required(old: &Snapshot, new: &Snapshot) -> Vec<String> {
     }
     if old.server.threads != new.server.threads {
         changed.push("server.threads".to_string());
+    }
+    // Handed to Pingora's server configuration once, at start-up.
+    if old.server.grace_period != new.server.grace_period {
+        changed.push("server.grace_period".to_string());
     }
     changed
 }

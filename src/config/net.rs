@@ -14,7 +14,11 @@ use super::model::{Cidr, Endpoint, Scheme};
 /// Parses `10.0.0.0/8`, `::1/128`, or a plain address (a /32 or /128).
 /// Host bits below the prefix are cleared (`10.1.2.3/8` is `10.0.0.0/8`).
 pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
-    let bad = || format!("expected an IP address or a CIDR block such as 10.0.0.0/8 or fd00::/8, got `{text}`");
+    let bad = || {
+        format!(
+            "expected an IP address or a CIDR block such as 10.0.0.0/8 or fd00::/8, got `{text}`"
+        )
+    };
     let (addr, prefix) = match text.split_once('/') {
         Some((addr, prefix)) => (addr, Some(prefix)),
         None => (text, None),
@@ -26,24 +30,37 @@ pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
         Some(p) => {
             let p: u8 = p.trim().parse().map_err(|_| bad())?;
             if p > max {
-                return Err(format!("prefix /{p} is too long for {addr} (at most /{max})"));
+                return Err(format!(
+                    "prefix /{p} is too long for {addr} (at most /{max})"
+                ));
             }
             p
         }
     };
-    Ok(Cidr { addr: mask(addr, prefix), prefix })
+    Ok(Cidr {
+        addr: mask(addr, prefix),
+        prefix,
+    })
 }
 
 fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
     match addr {
         IpAddr::V4(v4) => {
             let bits = u32::from(prefix);
-            let m = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+            let m = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
             IpAddr::V4(Ipv4Addr::from(u32::from(v4) & m))
         }
         IpAddr::V6(v6) => {
             let bits = u32::from(prefix);
-            let m = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+            let m = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
             IpAddr::V6(Ipv6Addr::from(u128::from(v6) & m))
         }
     }
@@ -55,7 +72,9 @@ pub fn check_listen(text: &str) -> Result<(), String> {
     if text.parse::<SocketAddr>().is_ok() {
         return Ok(());
     }
-    let bad = |why: &str| format!("expected `host:port` such as 0.0.0.0:8080 or [::]:8080, got `{text}` ({why})");
+    let bad = |why: &str| {
+        format!("expected `host:port` such as 0.0.0.0:8080 or [::]:8080, got `{text}` ({why})")
+    };
     let Some((host, port)) = text.rsplit_once(':') else {
         return Err(bad("no port"));
     };
@@ -82,7 +101,9 @@ pub fn check_hostname(host: &str) -> Result<(), String> {
     for label in host.trim_end_matches('.').split('.') {
         let ok = !label.is_empty()
             && label.len() <= 63
-            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            && label
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
@@ -101,7 +122,9 @@ pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
     } else if let Some(rest) = text.strip_prefix("http://") {
         (Scheme::Http, rest)
     } else {
-        return Err(format!("{expected}, got `{text}` (the scheme must be http:// or https://)"));
+        return Err(format!(
+            "{expected}, got `{text}` (the scheme must be http:// or https://)"
+        ));
     };
     let (authority, path) = match rest.find(['/', '?', '#']) {
         Some(i) => rest.split_at(i),
@@ -114,17 +137,30 @@ pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
         ));
     }
     if authority.contains('@') {
-        return Err(format!("`{text}` contains user info (`user@`); put credentials in headers, not endpoints"));
+        return Err(format!(
+            "`{text}` contains user info (`user@`); put credentials in headers, not endpoints"
+        ));
     }
     let default_port = match scheme {
         Scheme::Http => 80,
         Scheme::Https => 443,
     };
-    let (host, port) = split_host_port(authority).map_err(|why| format!("{expected}, got `{text}` ({why})"))?;
+    let (host, port) =
+        split_host_port(authority).map_err(|why| format!("{expected}, got `{text}` ({why})"))?;
     let port = port.unwrap_or(default_port);
     check_hostname(&host).map_err(|why| format!("{expected}, got `{text}` ({why})"))?;
-    let address = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-    Ok(Endpoint { scheme, host, port, address, url: text.to_string() })
+    let address = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    Ok(Endpoint {
+        scheme,
+        host,
+        port,
+        address,
+        url: text.to_string(),
+    })
 }
 
 /// Splits `host`, `host:port`, `[v6]` or `[v6]:port`; the host comes back
@@ -133,7 +169,8 @@ fn split_host_port(authority: &str) -> Result<(String, Option<u16>), String> {
     let parse_port = |p: &str| p.parse::<u16>().map_err(|_| format!("bad port `{p}`"));
     if let Some(rest) = authority.strip_prefix('[') {
         let (v6, after) = rest.split_once(']').ok_or("unclosed `[`")?;
-        v6.parse::<Ipv6Addr>().map_err(|_| format!("`{v6}` is not an IPv6 address"))?;
+        v6.parse::<Ipv6Addr>()
+            .map_err(|_| format!("`{v6}` is not an IPv6 address"))?;
         let port = match after {
             "" => None,
             p => Some(parse_port(p.strip_prefix(':').ok_or("junk after `]`")?)?),
@@ -157,8 +194,13 @@ pub fn parse_origin(text: &str) -> Result<String, String> {
     let Some((scheme, rest)) = text.split_once("://") else {
         return Err(format!("{expected}, got `{text}`"));
     };
-    let scheme_ok = scheme.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    let scheme_ok = scheme
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
     if !scheme_ok {
         return Err(format!("{expected}, got `{text}`"));
     }
@@ -171,7 +213,8 @@ pub fn parse_origin(text: &str) -> Result<String, String> {
     if rest.contains(['/', '?', '#']) {
         return Err(format!("{expected}, got `{text}` (an origin has no path)"));
     }
-    let (host, _) = split_host_port(rest).map_err(|why| format!("{expected}, got `{text}` ({why})"))?;
+    let (host, _) =
+        split_host_port(rest).map_err(|why| format!("{expected}, got `{text}` ({why})"))?;
     check_hostname(&host).map_err(|why| format!("{expected}, got `{text}` ({why})"))?;
     Ok(text.to_ascii_lowercase())
 }
@@ -196,15 +239,24 @@ mod tests {
         let net6 = parse_cidr("fd00::/8").unwrap();
         assert!(net6.contains("fd12::5".parse().unwrap()));
         // Host bits are cleared.
-        assert_eq!(parse_cidr("10.1.2.3/8").unwrap().addr, "10.0.0.0".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            parse_cidr("10.1.2.3/8").unwrap().addr,
+            "10.0.0.0".parse::<IpAddr>().unwrap()
+        );
         // IPv4-mapped IPv6 peers match IPv4 blocks.
-        assert!(parse_cidr("127.0.0.0/8").unwrap().contains("::ffff:127.0.0.1".parse().unwrap()));
-        assert!(parse_cidr("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(parse_cidr("127.0.0.0/8")
+            .unwrap()
+            .contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(parse_cidr("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
     }
 
     #[test]
     fn cidr_errors() {
-        assert!(parse_cidr("10.0.0.0/33").unwrap_err().contains("at most /32"));
+        assert!(parse_cidr("10.0.0.0/33")
+            .unwrap_err()
+            .contains("at most /32"));
         assert!(parse_cidr("::/129").unwrap_err().contains("at most /128"));
         assert!(parse_cidr("10.0.0/8").is_err());
         assert!(parse_cidr("localhost").is_err());
@@ -216,7 +268,14 @@ mod tests {
         for ok in ["0.0.0.0:8080", "[::]:8080", "127.0.0.1:0", "localhost:9090"] {
             assert!(check_listen(ok).is_ok(), "{ok}");
         }
-        for bad in ["8080", ":8080", "0.0.0.0:99999", "0.0.0.0", "::1:80", "bad host:80"] {
+        for bad in [
+            "8080",
+            ":8080",
+            "0.0.0.0:99999",
+            "0.0.0.0",
+            "::1:80",
+            "bad host:80",
+        ] {
             assert!(check_listen(bad).is_err(), "{bad}");
         }
     }
@@ -224,26 +283,41 @@ mod tests {
     #[test]
     fn endpoints() {
         let e = parse_endpoint("https://api.openai.com").unwrap();
-        assert_eq!((e.scheme, e.host.as_str(), e.port, e.address.as_str()), (Scheme::Https, "api.openai.com", 443, "api.openai.com:443"));
+        assert_eq!(
+            (e.scheme, e.host.as_str(), e.port, e.address.as_str()),
+            (Scheme::Https, "api.openai.com", 443, "api.openai.com:443")
+        );
         let e = parse_endpoint("http://127.0.0.1:8000/").unwrap();
-        assert_eq!((e.scheme, e.port, e.address.as_str()), (Scheme::Http, 8000, "127.0.0.1:8000"));
+        assert_eq!(
+            (e.scheme, e.port, e.address.as_str()),
+            (Scheme::Http, 8000, "127.0.0.1:8000")
+        );
         let e = parse_endpoint("http://[::1]:9000").unwrap();
         assert_eq!((e.host.as_str(), e.address.as_str()), ("::1", "[::1]:9000"));
         assert_eq!(parse_endpoint("http://[::1]").unwrap().port, 80);
-        assert!(parse_endpoint("https://api.openai.com/v1").unwrap_err().contains("has a path"));
+        assert!(parse_endpoint("https://api.openai.com/v1")
+            .unwrap_err()
+            .contains("has a path"));
         assert!(parse_endpoint("ftp://x").unwrap_err().contains("http://"));
         assert!(parse_endpoint("api.openai.com").is_err());
         assert!(parse_endpoint("http://").is_err());
-        assert!(parse_endpoint("http://a:b@host").unwrap_err().contains("user info"));
+        assert!(parse_endpoint("http://a:b@host")
+            .unwrap_err()
+            .contains("user info"));
         assert!(parse_endpoint("http://host:70000").is_err());
     }
 
     #[test]
     fn origins() {
         assert_eq!(parse_origin("*").unwrap(), "*");
-        assert_eq!(parse_origin("https://App.Example.com").unwrap(), "https://app.example.com");
+        assert_eq!(
+            parse_origin("https://App.Example.com").unwrap(),
+            "https://app.example.com"
+        );
         assert!(parse_origin("http://localhost:3000").is_ok());
-        assert!(parse_origin("https://app.example.com/").unwrap_err().contains("trailing slash"));
+        assert!(parse_origin("https://app.example.com/")
+            .unwrap_err()
+            .contains("trailing slash"));
         assert!(parse_origin("app.example.com").is_err());
         assert!(parse_origin("https://app.example.com/x").is_err());
     }

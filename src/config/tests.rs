@@ -1,0 +1,746 @@
+//! Tests of the whole compiler: text in, snapshot or positioned errors out.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "FLOODWALL_ADMIN_TOKEN" => Some("s3cret".to_string()),
+        "REDIS_URL" => Some("redis://:pw@redis.internal:6379/0".to_string()),
+        "NOT_A_URL" => Some("http://example.com".to_string()),
+        _ => None,
+    }
+}
+
+fn compile(text: &str) -> Result<Snapshot, ConfigErrors> {
+    compile_str_with_env(text, "p.yaml", &env)
+}
+
+/// The errors of a file that must not compile, as displayed.
+fn errors(text: &str) -> Vec<String> {
+    match compile(text) {
+        Ok(_) => panic!("expected errors, but the policy compiled"),
+        Err(e) => e.iter().map(ToString::to_string).collect(),
+    }
+}
+
+const MINIMAL: &str = "\
+version: 1
+backends:
+  local:
+    endpoints: [\"http://127.0.0.1:8000\"]
+routes:
+  - name: all
+    match: { path_prefix: / }
+    backend: local
+";
+
+const FULL: &str = r#"version: 1
+server:
+  listen: ["0.0.0.0:8080", "[::]:8081"]
+  admin:
+    listen: 0.0.0.0:9090
+    token_env: FLOODWALL_ADMIN_TOKEN
+  threads: 4
+  grace_period: 10s
+  trusted_proxies: [127.0.0.0/8, 10.0.0.0/8, 192.168.1.7, "::1"]
+  cors:
+    allow_origins: ["https://app.example.com"]
+    allow_headers: [Authorization, content-type]
+    allow_credentials: true
+    max_age: 1h
+store:
+  redis:
+    url_env: REDIS_URL
+    key_prefix: team-a
+    timeout: 100ms
+    expected_replicas: 3
+backends:
+  openai:
+    endpoints: ["https://api.openai.com", "https://api2.openai.com:8443"]
+    host: api.openai.com
+    tls: { verify: false }
+    timeouts: { connect: 2s, response_headers: 30s }
+  local:
+    endpoints: ["http://127.0.0.1:8000"]
+routes:
+  - name: chat
+    match:
+      path_prefix: /openai/v1/
+      methods: [post, GET]
+      host: API.Example.com
+      header: { X-Route: beta }
+    rewrite: { strip_prefix: /openai }
+    backend: openai
+    request:
+      max_body: 2MiB
+      json: required
+      max_messages: 100
+      max_prompt_chars: 10_000
+      fields:
+        - { path: query, max_chars: 10000 }
+        - { path: prompt, required: true, min_chars: 1, max_chars: 10000 }
+        - { path: metadata.sessionId, format: uuid }
+        - { path: image, max_bytes: 1MiB }
+    timeouts: { connect: 1s }
+  - name: ws
+    match: { path: /ws }
+    websocket: true
+    backend: local
+"#;
+
+#[test]
+fn a_full_file_compiles_with_the_expected_values() {
+    let snap = compile(FULL).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(snap.version, 1);
+    assert_eq!(snap.source.path, PathBuf::from("p.yaml"));
+    assert_eq!(snap.source.hash.len(), 64);
+
+    let s = &snap.server;
+    assert_eq!(s.listen, ["0.0.0.0:8080", "[::]:8081"]);
+    assert_eq!(s.admin.listen, "0.0.0.0:9090");
+    assert_eq!(s.admin.token_env.as_deref(), Some("FLOODWALL_ADMIN_TOKEN"));
+    assert_eq!(s.admin.token.as_deref(), Some("s3cret"));
+    assert_eq!(s.threads, Some(4));
+    assert_eq!(s.grace_period, Duration::from_secs(10));
+    assert_eq!(s.max_connections, None);
+    assert_eq!(s.trusted_proxies.len(), 4);
+    assert!(s.trusted_proxies[2].contains("192.168.1.7".parse().unwrap()));
+    assert_eq!(s.trusted_proxies[2].prefix, 32);
+    assert_eq!(s.trusted_proxies[3].prefix, 128);
+    let cors = s.cors.as_ref().unwrap();
+    assert_eq!(cors.allow_origins, ["https://app.example.com"]);
+    assert_eq!(cors.allow_methods, ["GET", "POST", "OPTIONS"]);
+    assert_eq!(cors.allow_headers, ["authorization", "content-type"]);
+    assert_eq!(cors.expose_headers.len(), 6);
+    assert!(cors.allow_credentials);
+    assert_eq!(cors.max_age, Duration::from_secs(3600));
+
+    let redis = &snap.store.as_ref().unwrap().redis;
+    assert_eq!(redis.url, "redis://:pw@redis.internal:6379/0");
+    assert_eq!(redis.key_prefix, "team-a");
+    assert_eq!(redis.timeout, Duration::from_millis(100));
+    assert_eq!(redis.expected_replicas, 3);
+
+    assert_eq!(snap.backends.len(), 2);
+    assert_eq!(snap.backend_index["openai"], 0);
+    assert_eq!(snap.backend_index["local"], 1);
+    let openai = &snap.backends[0];
+    assert_eq!(openai.endpoints[0].address, "api.openai.com:443");
+    assert_eq!(openai.endpoints[1].port, 8443);
+    assert_eq!(openai.host.as_deref(), Some("api.openai.com"));
+    assert!(!openai.tls.verify);
+    assert_eq!(openai.timeouts.connect, Duration::from_secs(2));
+    assert_eq!(openai.timeouts.response_headers, Duration::from_secs(30));
+    let local = &snap.backends[1];
+    assert!(local.tls.verify);
+    assert_eq!(local.timeouts.connect, Duration::from_secs(5));
+    assert_eq!(local.timeouts.response_headers, Duration::from_secs(60));
+
+    let chat = &snap.routes[0];
+    assert_eq!(chat.name, "chat");
+    assert!(matches!(&chat.matcher.path, PathMatch::Prefix(p) if p == "/openai/v1/"));
+    assert_eq!(
+        chat.matcher.methods,
+        [http::Method::POST, http::Method::GET]
+    );
+    assert_eq!(chat.matcher.host.as_deref(), Some("api.example.com"));
+    assert_eq!(
+        chat.matcher.headers,
+        [("x-route".to_string(), "beta".to_string())]
+    );
+    assert_eq!(
+        chat.rewrite.as_ref().unwrap().strip_prefix.as_deref(),
+        Some("/openai")
+    );
+    assert!(!chat.websocket);
+    assert_eq!(chat.backend, 0);
+    assert_eq!(chat.backend_name, "openai");
+    assert_eq!(snap.backend(chat).name, "openai");
+    let req = &chat.request;
+    assert_eq!(req.max_body, 2 << 20);
+    assert_eq!(req.json, JsonMode::Required);
+    assert_eq!(req.max_messages, Some(100));
+    assert_eq!(req.max_prompt_chars, Some(10_000));
+    assert_eq!(req.fields.len(), 4);
+    assert_eq!(req.fields[1].min_chars, Some(1));
+    assert!(req.fields[1].required);
+    assert_eq!(req.fields[2].segments, ["metadata", "sessionId"]);
+    assert_eq!(req.fields[2].format, Some(FieldFormat::Uuid));
+    assert_eq!(req.fields[3].max_bytes, Some(1 << 20));
+    assert_eq!(chat.timeouts.connect, Some(Duration::from_secs(1)));
+    assert_eq!(chat.timeouts.response_headers, None);
+
+    let ws = &snap.routes[1];
+    assert!(matches!(&ws.matcher.path, PathMatch::Exact(p) if p == "/ws"));
+    assert!(ws.websocket);
+    assert_eq!(ws.backend, 1);
+    assert!(ws.matcher.methods.is_empty());
+    assert_eq!(ws.request.max_body, 1 << 20);
+    assert_eq!(ws.request.json, JsonMode::Auto);
+}
+
+#[test]
+fn defaults_fill_a_minimal_file() {
+    let snap = compile(MINIMAL).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(snap.server.listen, ["0.0.0.0:8080"]);
+    assert_eq!(snap.server.admin.listen, "127.0.0.1:9090");
+    assert_eq!(snap.server.admin.token, None);
+    assert_eq!(snap.server.threads, None);
+    assert_eq!(snap.server.grace_period, Duration::from_secs(30));
+    assert_eq!(snap.server.max_connections, None);
+    let loopback = &snap.server.trusted_proxies;
+    assert!(loopback
+        .iter()
+        .any(|c| c.contains("127.0.0.1".parse().unwrap())));
+    assert!(loopback.iter().any(|c| c.contains("::1".parse().unwrap())));
+    assert!(!loopback
+        .iter()
+        .any(|c| c.contains("10.0.0.1".parse().unwrap())));
+    assert!(snap.server.cors.is_none());
+    assert!(snap.store.is_none());
+}
+
+#[test]
+fn a_file_broken_in_three_places_reports_exactly_three_errors() {
+    let text = "\
+version: 1
+server:
+  threads: 0
+backends:
+  local:
+    endpoints: [\"http://127.0.0.1:8000\"]
+routes:
+  - name: all
+    match: { path_prefix: / }
+    backend: local
+    request:
+      max_messages: 0
+      json: maybe
+";
+    assert_eq!(
+        errors(text),
+        [
+            "p.yaml:3:12 server.threads: must be 1..=1024 (was 0)",
+            "p.yaml:12:21 routes[0].request.max_messages: must be 1..=100000 (was 0)",
+            "p.yaml:13:13 routes[0].request.json: must be one of `auto`, `required`, `off` (was `maybe`)",
+        ]
+    );
+}
+
+#[test]
+fn unknown_fields_suggest_the_closest_name() {
+    let text = MINIMAL.replace(
+        "    backend: local\n",
+        "    backend: local\n    websockte: true\n    zzz: 1\n",
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "p.yaml:9:5 routes[0].websockte: unknown field `websockte`; did you mean `websocket`?",
+            "p.yaml:10:5 routes[0].zzz: unknown field `zzz`; expected one of `name`, `match`, `rewrite`, `websocket`, `backend`, `request`, `timeouts`",
+        ]
+    );
+    let typo = MINIMAL.replace("path_prefix", "path_prefx");
+    assert_eq!(errors(&typo), ["p.yaml:7:14 routes[0].match.path_prefx: unknown field `path_prefx`; did you mean `path_prefix`?"]);
+    // A misspelled required field is one error, not two.
+    let required = MINIMAL.replace("    backend: local", "    backnd: local");
+    assert_eq!(
+        errors(&required),
+        ["p.yaml:8:5 routes[0].backnd: unknown field `backnd`; did you mean `backend`?"]
+    );
+}
+
+#[test]
+fn a_bad_backend_reference_lists_the_defined_backends() {
+    let text = MINIMAL.replace("backend: local", "backend: locla");
+    assert_eq!(
+        errors(&text),
+        ["p.yaml:8:14 routes[0].backend: unknown backend `locla`; defined backends: `local`; did you mean `local`?"]
+    );
+}
+
+#[test]
+fn planned_fields_are_rejected_not_ignored() {
+    let text = "\
+version: 1
+server: { max_connections: 8000 }
+identity: { user: [{ header: x-user-id }] }
+prices: {}
+rate_limits: []
+backends:
+  local:
+    endpoints: [\"http://127.0.0.1:8000\"]
+    limits: { max_in_flight: 20 }
+    circuit_breaker: { window: 10s }
+routes:
+  - name: all
+    match: { path_prefix: / }
+    backend: local
+    fallback: []
+    retry: { attempts: 3 }
+    rate_limits: []
+    concurrency: {}
+    streams: {}
+    cache: {}
+    timeouts: { total: 120s, first_token: 15s, idle: 30s, connect: 1s }
+";
+    let errs = errors(text);
+    let expected_paths = [
+        "server.max_connections",
+        "identity",
+        "prices",
+        "rate_limits",
+        "backends.local.limits",
+        "backends.local.circuit_breaker",
+        "routes[0].fallback",
+        "routes[0].retry",
+        "routes[0].rate_limits",
+        "routes[0].concurrency",
+        "routes[0].streams",
+        "routes[0].cache",
+        "routes[0].timeouts.total",
+        "routes[0].timeouts.first_token",
+        "routes[0].timeouts.idle",
+    ];
+    assert_eq!(errs.len(), expected_paths.len(), "{errs:#?}");
+    for (err, path) in errs.iter().zip(expected_paths) {
+        assert!(
+            err.ends_with(&format!("{path}: `{path}` is not supported yet (planned)")),
+            "{err}"
+        );
+    }
+    // Every entry of the table is exercised above.
+    assert_eq!(NOT_SUPPORTED_YET.len(), expected_paths.len());
+}
+
+#[test]
+fn version_is_required_and_must_be_1() {
+    let missing = MINIMAL.replace("version: 1\n", "");
+    assert_eq!(
+        errors(&missing),
+        ["p.yaml:1:1 version: missing required field `version`"]
+    );
+    let two = MINIMAL.replace("version: 1", "version: 2");
+    assert_eq!(
+        errors(&two),
+        ["p.yaml:1:10 version: unsupported policy version 2; this floodwall reads version 1"]
+    );
+}
+
+#[test]
+fn empty_and_non_mapping_files() {
+    assert_eq!(
+        errors(""),
+        ["p.yaml:1:1: the file is empty; a policy starts with `version: 1`"]
+    );
+    assert_eq!(
+        errors("- a\n"),
+        ["p.yaml:1:1: expected a mapping, got a list"]
+    );
+}
+
+#[test]
+fn yaml_syntax_errors_have_a_position() {
+    let errs = errors("version: 1\nroutes:\n  - name: a\n   bad: [\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("p.yaml:4:"), "{errs:?}");
+    assert!(errs[0].contains("YAML syntax error"), "{errs:?}");
+}
+
+#[test]
+fn duplicate_keys_and_route_names() {
+    let text = format!(
+        "{MINIMAL}  - name: all\n    match: {{ path: /x }}\n    backend: local\n    backend: local\n"
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "p.yaml:9:11 routes[1].name: duplicate route name `all` (also routes[0])",
+            "p.yaml:12:5: duplicate key `backend` (first defined at line 11, column 5)",
+        ]
+    );
+}
+
+#[test]
+fn token_env_must_be_set() {
+    let text = MINIMAL.replace(
+        "backends:",
+        "server:\n  admin: { token_env: MISSING_TOKEN }\nbackends:",
+    );
+    assert_eq!(
+        errors(&text),
+        ["p.yaml:3:23 server.admin.token_env: environment variable `MISSING_TOKEN` is not set or is empty (set it, or remove `token_env` to leave /admin/* without a token)"]
+    );
+}
+
+#[test]
+fn redis_needs_exactly_one_valid_url_source() {
+    let both = MINIMAL.replace(
+        "backends:",
+        "store:\n  redis: { url: redis://x, url_env: REDIS_URL }\nbackends:",
+    );
+    assert_eq!(
+        errors(&both),
+        ["p.yaml:3:37 store.redis.url_env: set either `url` or `url_env`, not both"]
+    );
+    let none = MINIMAL.replace("backends:", "store:\n  redis: { key_prefix: x }\nbackends:");
+    assert_eq!(errors(&none).len(), 1);
+    assert!(errors(&none)[0].contains("set `url`"));
+    let bad = MINIMAL.replace(
+        "backends:",
+        "store:\n  redis: { url: \"http://:secret@x\" }\nbackends:",
+    );
+    let errs = errors(&bad);
+    assert_eq!(
+        errs,
+        ["p.yaml:3:17 store.redis.url: must start with redis:// or rediss:// and name a host"]
+    );
+    let bad_env = MINIMAL.replace(
+        "backends:",
+        "store:\n  redis: { url_env: NOT_A_URL }\nbackends:",
+    );
+    let errs = errors(&bad_env);
+    assert!(
+        errs[0].contains("the value of `NOT_A_URL`") && !errs[0].contains("example.com"),
+        "{errs:?}"
+    );
+    let unset = MINIMAL.replace(
+        "backends:",
+        "store:\n  redis: { url_env: NOPE_URL }\nbackends:",
+    );
+    assert!(errors(&unset)[0].contains("`NOPE_URL` is not set"));
+}
+
+#[test]
+fn cors_rules() {
+    let wildcard_creds = MINIMAL.replace(
+        "backends:",
+        "server:\n  cors: { allow_origins: [\"*\"], allow_credentials: true }\nbackends:",
+    );
+    let errs = errors(&wildcard_creds);
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with("p.yaml:3:52 server.cors.allow_credentials: cannot be true"),
+        "{errs:?}"
+    );
+    let missing = MINIMAL.replace("backends:", "server:\n  cors: { max_age: 5m }\nbackends:");
+    assert_eq!(
+        errors(&missing),
+        ["p.yaml:3:9 server.cors.allow_origins: missing required field `allow_origins`"]
+    );
+    let slash = MINIMAL.replace(
+        "backends:",
+        "server:\n  cors: { allow_origins: [\"https://a.example.com/\"] }\nbackends:",
+    );
+    assert!(errors(&slash)[0].contains("trailing slash"));
+}
+
+#[test]
+fn strip_prefix_must_be_a_prefix_of_the_route_path() {
+    let text = MINIMAL.replace(
+        "path_prefix: / }",
+        "path_prefix: /v1/ }\n    rewrite: { strip_prefix: /openai }",
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with("p.yaml:8:30 routes[0].rewrite.strip_prefix: the route's path_prefix `/v1/` does not start with `/openai`"),
+        "{errs:?}"
+    );
+    let partial = MINIMAL.replace(
+        "path_prefix: / }",
+        "path_prefix: /openai/v1/ }\n    rewrite: { strip_prefix: /open }",
+    );
+    assert_eq!(errors(&partial).len(), 1);
+    let trailing = MINIMAL.replace(
+        "path_prefix: / }",
+        "path_prefix: /openai/v1/ }\n    rewrite: { strip_prefix: /openai/ }",
+    );
+    assert!(errors(&trailing)[0].contains("write `/openai`"));
+}
+
+#[test]
+fn match_needs_exactly_one_path_kind() {
+    let both = MINIMAL.replace("path_prefix: / }", "path_prefix: /, path: /x }");
+    assert_eq!(errors(&both), ["p.yaml:7:27 routes[0].match.path_prefix: set `path` (exact) or `path_prefix`, not both"]);
+    let neither = MINIMAL.replace("{ path_prefix: / }", "{ methods: [GET] }");
+    assert_eq!(errors(&neither).len(), 1);
+    let relative = MINIMAL.replace("path_prefix: /", "path_prefix: v1");
+    assert_eq!(
+        errors(&relative),
+        ["p.yaml:7:27 routes[0].match.path_prefix: a path prefix must start with `/` (was `v1`)"]
+    );
+    let method = MINIMAL.replace("path_prefix: / }", "path_prefix: /, methods: [PSOT] }");
+    assert!(errors(&method)[0].contains("`PSOT` is not an HTTP method"));
+    assert!(errors(&method)[0].contains("did you mean `POST`?"));
+}
+
+#[test]
+fn backends_are_validated() {
+    let text = "\
+version: 1
+backends:
+  Bad.Name:
+    endpoints: [\"https://api.example.com/v1\", \"ftp://x\"]
+    tls: { ca_file: /nonexistent/ca.pem }
+  empty:
+    endpoints: []
+routes:
+  - name: all
+    match: { path_prefix: / }
+    backend: Bad.Name
+";
+    let errs = errors(text);
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("p.yaml:3:3 backends.Bad.Name: backend name `Bad.Name`"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].starts_with("p.yaml:4:17 backends.Bad.Name.endpoints[0]:")
+            && errs[1].contains("has a path"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[2].starts_with("p.yaml:4:47 backends.Bad.Name.endpoints[1]:"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[3].starts_with(
+            "p.yaml:5:21 backends.Bad.Name.tls.ca_file: cannot read `/nonexistent/ca.pem`"
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[4].starts_with(
+            "p.yaml:7:16 backends.empty.endpoints: must list at least one endpoint URL"
+        ),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn field_checks_are_validated() {
+    let text = MINIMAL.replace(
+        "    backend: local\n",
+        "    backend: local
+    request:
+      max_body: 1KiB
+      fields:
+        - { path: a }
+        - { path: b, min_chars: 10, max_chars: 5 }
+        - { path: c..d, required: true }
+        - { path: e, max_bytes: 2KiB }
+",
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 4, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("p.yaml:12:11 routes[0].request.fields[0]: checks nothing"),
+        "{errs:#?}"
+    );
+    assert!(errs[1].starts_with("p.yaml:13:33 routes[0].request.fields[1].min_chars: min_chars (10) is larger than max_chars (5)"), "{errs:#?}");
+    assert!(
+        errs[2].starts_with("p.yaml:14:19 routes[0].request.fields[2].path:"),
+        "{errs:#?}"
+    );
+    assert!(errs[3].starts_with("p.yaml:15:33 routes[0].request.fields[3].max_bytes: is larger than the route's request.max_body (1KiB)"), "{errs:#?}");
+    let off = MINIMAL.replace(
+        "    backend: local\n",
+        "    backend: local\n    request: { json: off, max_messages: 5 }\n",
+    );
+    assert!(errors(&off)[0].contains("`json: off` turns off body parsing"));
+}
+
+#[test]
+fn server_addresses_are_validated() {
+    let text = MINIMAL.replace(
+        "backends:",
+        "server:\n  listen: [\"0.0.0.0:8080\", \"nope\", \"0.0.0.0:8080\"]\n  admin: { listen: \"0.0.0.0:8080\" }\n  trusted_proxies: [10.0.0.0/33]\nbackends:",
+    );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 4, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("p.yaml:3:28 server.listen[1]: expected `host:port`"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].starts_with("p.yaml:3:36 server.listen[2]: `0.0.0.0:8080` is listed twice"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[2].starts_with(
+            "p.yaml:4:20 server.admin.listen: `0.0.0.0:8080` is also a proxy listener"
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[3].starts_with("p.yaml:5:21 server.trusted_proxies[0]: prefix /33"),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn type_mismatches_name_the_expected_type_and_the_value() {
+    let text = MINIMAL.replace(
+        "    backend: local\n",
+        "    backend: local\n    websocket: \"yes\"\n    request: [1]\n",
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "p.yaml:9:16 routes[0].websocket: expected true or false (without quotes), got the string \"yes\"",
+            "p.yaml:10:14 routes[0].request: expected a mapping, got a list",
+        ]
+    );
+}
+
+#[test]
+fn error_display_formats() {
+    let e = ConfigError {
+        file: "f.yaml".into(),
+        line: 0,
+        column: 0,
+        path: String::new(),
+        message: "cannot read".into(),
+    };
+    assert_eq!(e.to_string(), "f.yaml: cannot read");
+    let errs = ConfigErrors(vec![
+        ConfigError {
+            file: "f".into(),
+            line: 1,
+            column: 2,
+            path: "a".into(),
+            message: "x".into(),
+        },
+        ConfigError {
+            file: "f".into(),
+            line: 3,
+            column: 4,
+            path: String::new(),
+            message: "y".into(),
+        },
+    ]);
+    assert_eq!(errs.to_string(), "f:1:2 a: x\nf:3:4: y");
+}
+
+#[test]
+fn load_file_reports_io_errors_at_line_zero() {
+    let err = load_file(Path::new("/nonexistent/policy.yaml")).unwrap_err();
+    assert_eq!(err.len(), 1);
+    assert_eq!(err.0[0].line, 0);
+    assert!(err
+        .to_string()
+        .starts_with("/nonexistent/policy.yaml: cannot read the policy file"));
+}
+
+#[test]
+fn restart_required_names_the_static_settings() {
+    let old = compile(MINIMAL).unwrap();
+    let same = compile(MINIMAL).unwrap();
+    assert!(restart_required(&old, &same).is_empty());
+    let new = compile(&MINIMAL.replace(
+        "backends:",
+        "server:\n  listen: [\"0.0.0.0:8081\"]\n  admin: { listen: \"127.0.0.1:9191\" }\n  threads: 2\n  grace_period: 1s\nbackends:",
+    ))
+    .unwrap();
+    assert_eq!(
+        restart_required(&old, &new),
+        [
+            "server.listen",
+            "server.admin.listen",
+            "server.threads",
+            "server.grace_period"
+        ]
+    );
+}
+
+#[test]
+fn compile_str_hashes_the_text() {
+    let a = compile(MINIMAL).unwrap();
+    let b = compile(&format!("{MINIMAL}# comment\n")).unwrap();
+    assert_ne!(a.source.hash, b.source.hash);
+    // sha256("") is well known; check the encoding on a tiny input.
+    assert_eq!(
+        sha256_hex(""),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+}
+
+/// Every policy shipped in `policies/` and `examples/` compiles.
+#[test]
+fn shipped_policies_compile() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut checked = 0;
+    for dir in ["policies", "examples"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let label = path.display().to_string();
+                if let Err(e) = compile_str_with_env(&text, &label, &env) {
+                    panic!("{e}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 7, "only {checked} policy files found");
+}
+
+#[test]
+fn demo_policy_keeps_the_addresses_the_demo_rewrites() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("policies/demo.yaml")).unwrap();
+    for needle in ["127.0.0.1:8080", "127.0.0.1:9090", "http://127.0.0.1:18000"] {
+        assert!(text.contains(needle), "{needle}");
+    }
+    let snap = compile(&text).unwrap();
+    let names: Vec<&str> = snap.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["chat", "embeddings", "models", "openai-egress"]);
+    assert_eq!(snap.routes[0].request.max_messages, Some(100));
+    assert_eq!(snap.routes[0].request.max_prompt_chars, Some(10_000));
+}
+
+/// Thousands of corrupted variants of a valid file (bytes deleted,
+/// duplicated or replaced with YAML punctuation) must give errors or a
+/// snapshot, never a panic.
+#[test]
+fn corrupted_files_never_panic() {
+    const PUNCTUATION: &[u8] = b":-[]{},&*!|>'\"%@` \n\t#?0a/.";
+    let base = FULL.as_bytes();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        // xorshift64*: deterministic, no dependency.
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        seed.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    for _ in 0..3000 {
+        let mut bytes = base.to_vec();
+        for _ in 0..(next() % 4 + 1) {
+            let at = (next() as usize) % bytes.len().max(1);
+            match next() % 3 {
+                0 => {
+                    bytes.remove(at);
+                }
+                1 => bytes.insert(at, bytes[at]),
+                _ => bytes[at] = PUNCTUATION[(next() as usize) % PUNCTUATION.len()],
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        if let Err(errors) = compile(&text) {
+            assert!(!errors.is_empty());
+            for e in errors.iter() {
+                assert!(!e.message.is_empty() && e.line > 0, "{e}");
+            }
+        }
+    }
+}

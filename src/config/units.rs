@@ -54,9 +54,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = split_number(text).ok_or_else(bad)?;
     let Some(&(_, scale)) = DURATION_UNITS.iter().find(|(name, _)| *name == unit) else {
         if unit.is_empty() {
-            return Err(format!(
-                "`{text}` has no unit; expected {DURATION_FORMS}"
-            ));
+            return Err(format!("`{text}` has no unit; expected {DURATION_FORMS}"));
         }
         return Err(bad());
     };
@@ -89,7 +87,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
                 let hint = SIZE_UNITS
                     .iter()
                     .find(|(name, _)| name.eq_ignore_ascii_case(unit))
-                    .map(|(name, _)| format!(" (units are case-sensitive: did you mean `{number}{name}`?)"))
+                    .map(|(name, _)| {
+                        format!(" (units are case-sensitive: did you mean `{number}{name}`?)")
+                    })
                     .unwrap_or_default();
                 return Err(format!("{}{hint}", bad()));
             }
@@ -123,7 +123,7 @@ pub fn format_duration(d: Duration) -> String {
         return "0s".to_string();
     }
     for &(name, scale) in DURATION_UNITS.iter().rev() {
-        if nanos % scale == 0 {
+        if nanos.is_multiple_of(scale) {
             return format!("{}{name}", nanos / scale);
         }
     }
@@ -134,8 +134,15 @@ pub fn format_duration(d: Duration) -> String {
 /// that divides it exactly (`1048576` becomes `1MiB`).
 pub fn format_size(bytes: u64) -> String {
     let bytes = u128::from(bytes);
-    for &(name, scale) in [("TiB", KIB.pow(4)), ("GiB", KIB.pow(3)), ("MiB", KIB.pow(2)), ("KiB", KIB)].iter() {
-        if bytes >= scale && bytes % scale == 0 {
+    for &(name, scale) in [
+        ("TiB", KIB.pow(4)),
+        ("GiB", KIB.pow(3)),
+        ("MiB", KIB.pow(2)),
+        ("KiB", KIB),
+    ]
+    .iter()
+    {
+        if bytes >= scale && bytes.is_multiple_of(scale) {
             return format!("{}{name}", bytes / scale);
         }
     }
@@ -191,12 +198,16 @@ mod tests {
 
     #[test]
     fn durations_without_a_known_unit_are_rejected_with_the_forms() {
-        for bad in ["30", "10 s", "10sec", "s", "-1s", "1.s", ".5s", "1..5s", "", "1h30m"] {
+        for bad in [
+            "30", "10 s", "10sec", "s", "-1s", "1.s", ".5s", "1..5s", "", "1h30m",
+        ] {
             let err = parse_duration(bad).unwrap_err();
             assert!(err.contains("250ms, 10s, 5m, 1h or 1d"), "{bad}: {err}");
         }
         assert!(parse_duration("30").unwrap_err().contains("has no unit"));
-        assert!(parse_duration("99999999999999999999d").unwrap_err().contains("too long"));
+        assert!(parse_duration("99999999999999999999d")
+            .unwrap_err()
+            .contains("too long"));
     }
 
     #[test]
@@ -220,7 +231,9 @@ mod tests {
         let err = parse_size("10mib").unwrap_err();
         assert!(err.contains("did you mean `10MiB`"), "{err}");
         assert!(parse_size("10XB").unwrap_err().contains("64KiB"));
-        assert!(parse_size("99999999999TiB").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999TiB")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]

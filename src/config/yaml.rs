@@ -24,6 +24,7 @@
 //! collected and returned beside the tree so the compiler can report them
 //! together with its own.
 
+use std::collections::HashMap;
 use std::str::Chars;
 
 use yaml_rust2::parser::{Event, Parser};
@@ -127,7 +128,10 @@ fn truncate(text: &str, max_chars: usize) -> String {
 
 /// Parses one YAML document into a positioned tree.
 pub fn parse(text: &str) -> Parsed {
-    let mut builder = Builder { parser: Parser::new_from_str(text), errors: Vec::new() };
+    let mut builder = Builder {
+        parser: Parser::new_from_str(text),
+        errors: Vec::new(),
+    };
     let root = match builder.document() {
         Ok(root) => Some(root),
         Err(e) => {
@@ -139,7 +143,10 @@ pub fn parse(text: &str) -> Parsed {
             None
         }
     };
-    Parsed { root, errors: builder.errors }
+    Parsed {
+        root,
+        errors: builder.errors,
+    }
 }
 
 struct Builder<'a> {
@@ -158,7 +165,11 @@ impl Builder<'_> {
     }
 
     fn error(&mut self, (line, col): (usize, usize), message: impl Into<String>) {
-        self.errors.push(YamlError { line, col, message: message.into() });
+        self.errors.push(YamlError {
+            line,
+            col,
+            message: message.into(),
+        });
     }
 
     /// The whole stream: exactly zero or one document.
@@ -183,7 +194,11 @@ impl Builder<'_> {
                 }
             }
         }
-        Ok(root.unwrap_or(Node { kind: NodeKind::Null, line: 1, col: 1 }))
+        Ok(root.unwrap_or(Node {
+            kind: NodeKind::Null,
+            line: 1,
+            col: 1,
+        }))
     }
 
     /// Builds the node that starts with `event`, consuming its children.
@@ -192,29 +207,51 @@ impl Builder<'_> {
         let deep = depth > MAX_DEPTH;
         let tag_error = |b: &mut Self, tag: &Option<yaml_rust2::parser::Tag>| {
             if let Some(tag) = tag {
-                b.error((line, col), format!("YAML tags such as `{}{}` are not supported", tag.handle, tag.suffix));
+                b.error(
+                    (line, col),
+                    format!(
+                        "YAML tags such as `{}{}` are not supported",
+                        tag.handle, tag.suffix
+                    ),
+                );
             }
         };
         match event {
             Event::Scalar(text, style, _anchor, tag) => {
                 tag_error(self, &tag);
                 let kind = match style {
-                    TScalarStyle::Plain if matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL") => NodeKind::Null,
+                    TScalarStyle::Plain
+                        if matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL") =>
+                    {
+                        NodeKind::Null
+                    }
                     TScalarStyle::Plain => NodeKind::Scalar(text, ScalarStyle::Plain),
-                    TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted => NodeKind::Scalar(text, ScalarStyle::Quoted),
-                    TScalarStyle::Literal | TScalarStyle::Folded => NodeKind::Scalar(text, ScalarStyle::Block),
+                    TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted => {
+                        NodeKind::Scalar(text, ScalarStyle::Quoted)
+                    }
+                    TScalarStyle::Literal | TScalarStyle::Folded => {
+                        NodeKind::Scalar(text, ScalarStyle::Block)
+                    }
                 };
                 Ok(Node { kind, line, col })
             }
             Event::Alias(_) => {
                 self.error((line, col), "YAML aliases (`*name`) and merge keys are not supported; write the value out in full");
-                Ok(Node { kind: NodeKind::Null, line, col })
+                Ok(Node {
+                    kind: NodeKind::Null,
+                    line,
+                    col,
+                })
             }
             Event::SequenceStart(_anchor, tag) => {
                 tag_error(self, &tag);
                 if deep {
                     self.too_deep((line, col))?;
-                    return Ok(Node { kind: NodeKind::Null, line, col });
+                    return Ok(Node {
+                        kind: NodeKind::Null,
+                        line,
+                        col,
+                    });
                 }
                 let mut items = Vec::new();
                 loop {
@@ -224,24 +261,38 @@ impl Builder<'_> {
                     }
                     items.push(self.node(event, mark, depth + 1)?);
                 }
-                Ok(Node { kind: NodeKind::Seq(items), line, col })
+                Ok(Node {
+                    kind: NodeKind::Seq(items),
+                    line,
+                    col,
+                })
             }
             Event::MappingStart(_anchor, tag) => {
                 tag_error(self, &tag);
                 if deep {
                     self.too_deep((line, col))?;
-                    return Ok(Node { kind: NodeKind::Null, line, col });
+                    return Ok(Node {
+                        kind: NodeKind::Null,
+                        line,
+                        col,
+                    });
                 }
                 self.mapping((line, col), depth)
             }
             // End events are consumed by their start's loop; anything else
             // here is a parser oddity: treat it as an empty value.
-            _ => Ok(Node { kind: NodeKind::Null, line, col }),
+            _ => Ok(Node {
+                kind: NodeKind::Null,
+                line,
+                col,
+            }),
         }
     }
 
     fn mapping(&mut self, start: (usize, usize), depth: usize) -> Result<Node, ScanError> {
         let mut entries: Vec<(Key, Node)> = Vec::new();
+        // Key name -> where it was first written, for duplicate detection.
+        let mut seen: HashMap<String, (usize, usize)> = HashMap::new();
         loop {
             let (event, mark) = self.next()?;
             let key_pos = pos(&mark);
@@ -263,12 +314,21 @@ impl Builder<'_> {
             if value.is_null() && value.line > key_pos.0 {
                 (value.line, value.col) = key_pos;
             }
-            if let Some((first, _)) = entries.iter().find(|(k, _)| k.name == name) {
-                let message = format!("duplicate key `{name}` (first defined at line {}, column {})", first.line, first.col);
+            if let Some((line, col)) = seen.get(&name) {
+                let message =
+                    format!("duplicate key `{name}` (first defined at line {line}, column {col})");
                 self.error(key_pos, message);
                 continue;
             }
-            entries.push((Key { name, line: key_pos.0, col: key_pos.1 }, value));
+            seen.insert(name.clone(), key_pos);
+            entries.push((
+                Key {
+                    name,
+                    line: key_pos.0,
+                    col: key_pos.1,
+                },
+                value,
+            ));
         }
         // A block mapping's start event is marked after its first key; the
         // first key is where a reader would say the mapping starts.
@@ -276,7 +336,11 @@ impl Builder<'_> {
             Some((k, _)) if (k.line, k.col) < start => (k.line, k.col),
             _ => start,
         };
-        Ok(Node { kind: NodeKind::Map(entries), line, col })
+        Ok(Node {
+            kind: NodeKind::Map(entries),
+            line,
+            col,
+        })
     }
 
     /// Reports nesting past [`MAX_DEPTH`] and skips the rest of the node.
@@ -314,15 +378,30 @@ mod tests {
         let root = parsed.root.unwrap();
         assert_eq!((root.line, root.col), (1, 1));
         let entries = map(&root);
-        assert_eq!(entries[0].0, Key { name: "version".into(), line: 1, col: 1 });
+        assert_eq!(
+            entries[0].0,
+            Key {
+                name: "version".into(),
+                line: 1,
+                col: 1
+            }
+        );
         assert_eq!((entries[0].1.line, entries[0].1.col), (1, 10));
         assert_eq!(entries[1].0.name, "server");
         let server = map(&entries[1].1);
         assert_eq!((entries[1].1.line, entries[1].1.col), (3, 3));
-        let NodeKind::Seq(items) = &server[0].1.kind else { panic!() };
-        assert_eq!(items[0].kind, NodeKind::Scalar("a".into(), ScalarStyle::Quoted));
+        let NodeKind::Seq(items) = &server[0].1.kind else {
+            panic!()
+        };
+        assert_eq!(
+            items[0].kind,
+            NodeKind::Scalar("a".into(), ScalarStyle::Quoted)
+        );
         assert_eq!((items[0].line, items[0].col), (3, 12));
-        assert_eq!(items[1].kind, NodeKind::Scalar("b".into(), ScalarStyle::Plain));
+        assert_eq!(
+            items[1].kind,
+            NodeKind::Scalar("b".into(), ScalarStyle::Plain)
+        );
         assert_eq!((server[1].0.line, server[1].0.col), (4, 3));
     }
 
@@ -335,7 +414,10 @@ mod tests {
         assert_eq!((entries[0].1.line, entries[0].1.col), (1, 1));
         assert!(entries[1].1.is_null());
         assert!(entries[2].1.is_null());
-        assert_eq!(entries[3].1.as_scalar(), Some(("null", ScalarStyle::Quoted)));
+        assert_eq!(
+            entries[3].1.as_scalar(),
+            Some(("null", ScalarStyle::Quoted))
+        );
     }
 
     #[test]
@@ -343,7 +425,9 @@ mod tests {
         let parsed = parse("a: 1\nb: 2\na: 3\n");
         assert_eq!(parsed.errors.len(), 1);
         assert_eq!((parsed.errors[0].line, parsed.errors[0].col), (3, 1));
-        assert!(parsed.errors[0].message.contains("duplicate key `a` (first defined at line 1, column 1)"));
+        assert!(parsed.errors[0]
+            .message
+            .contains("duplicate key `a` (first defined at line 1, column 1)"));
         assert_eq!(map(parsed.root.as_ref().unwrap()).len(), 2);
     }
 
@@ -359,7 +443,11 @@ mod tests {
     #[test]
     fn aliases_tags_and_extra_documents_are_rejected() {
         let parsed = parse("a: &x 1\nb: *x\nc: !!str 5\n---\nd: 1\n");
-        let messages: Vec<_> = parsed.errors.iter().map(|e| (e.line, e.message.as_str())).collect();
+        let messages: Vec<_> = parsed
+            .errors
+            .iter()
+            .map(|e| (e.line, e.message.as_str()))
+            .collect();
         assert_eq!(messages.len(), 3, "{messages:?}");
         assert!(messages[0].1.contains("aliases"));
         assert_eq!(messages[0].0, 2);

@@ -825,11 +825,7 @@ fn parse_json(body: &[u8]) -> Option<Value> {
 }
 
 /// Header first, then a `mock:` model name, then the server defaults.
-fn pick_script(
-    head: &Head,
-    body: Option<&Value>,
-    shared: &Shared,
-) -> Result<FaultScript, String> {
+fn pick_script(head: &Head, body: Option<&Value>, shared: &Shared) -> Result<FaultScript, String> {
     if let Some(h) = head.header("x-mock-fault").filter(|h| !h.trim().is_empty()) {
         return FaultScript::parse(h);
     }
@@ -946,10 +942,17 @@ fn embedding(input: &str) -> Vec<f64> {
 
 fn models_body() -> Vec<u8> {
     let created = 1_700_000_000u64;
-    let data: Vec<Value> = ["mock-gpt-4o", "mock-gpt-4o-mini", "mock-model", "mock-embedding"]
-        .iter()
-        .map(|id| json!({"id": id, "object": "model", "created": created, "owned_by": "floodwall-mock"}))
-        .collect();
+    let data: Vec<Value> = [
+        "mock-gpt-4o",
+        "mock-gpt-4o-mini",
+        "mock-model",
+        "mock-embedding",
+    ]
+    .iter()
+    .map(
+        |id| json!({"id": id, "object": "model", "created": created, "owned_by": "floodwall-mock"}),
+    )
+    .collect();
     serde_json::to_vec(&json!({"object": "list", "data": data})).unwrap_or_default()
 }
 

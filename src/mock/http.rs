@@ -82,7 +82,9 @@ impl Head {
     }
 
     pub fn is_websocket_upgrade(&self) -> bool {
-        self.header_tokens("upgrade").iter().any(|t| t == "websocket")
+        self.header_tokens("upgrade")
+            .iter()
+            .any(|t| t == "websocket")
     }
 }
 

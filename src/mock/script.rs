@@ -127,9 +127,7 @@ impl FaultScript {
                 "status" => s.status = Some(parse_status(value).map_err(|e| bad(&e))?),
                 "latency" => s.latency = Some(parse_duration(value).map_err(|e| bad(&e))?),
                 "ttft" => s.ttft = Some(parse_duration(value).map_err(|e| bad(&e))?),
-                "chunk_delay" => {
-                    s.chunk_delay = Some(parse_duration(value).map_err(|e| bad(&e))?)
-                }
+                "chunk_delay" => s.chunk_delay = Some(parse_duration(value).map_err(|e| bad(&e))?),
                 "chunks" => {
                     let n = parse_count(value).map_err(|e| bad(&e))?;
                     if n > MAX_CHUNKS {
@@ -148,9 +146,7 @@ impl FaultScript {
                 }
                 "no_done" => s.no_done = parse_bool(value).map_err(|e| bad(&e))?,
                 "reset" => {
-                    let n = value
-                        .parse::<u64>()
-                        .map_err(|_| bad("expected reset=N"))?;
+                    let n = value.parse::<u64>().map_err(|_| bad("expected reset=N"))?;
                     s.reset = if n == 0 { None } else { Some(n) };
                 }
                 "hang" => s.hang = parse_bool(value).map_err(|e| bad(&e))?,
@@ -283,8 +279,7 @@ fn parse_status(s: &str) -> Result<u16, String> {
 }
 
 fn parse_count(s: &str) -> Result<usize, String> {
-    s.parse::<usize>()
-        .map_err(|_| format!("bad count `{s}`"))
+    s.parse::<usize>().map_err(|_| format!("bad count `{s}`"))
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {

@@ -82,7 +82,13 @@ pub fn parse(body: &[u8], keep_value: bool) -> Result<Option<(LlmFields, Option<
         };
         return Ok(Some((fields, Some(v))));
     }
-    // Validate the whole document's syntax, then pick fields when it is an object.
+    // Validate the whole document's syntax, then pick fields when it is an
+    // object (serde would otherwise read an array positionally into `Raw`).
+    let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if !is_object {
+        serde_json::from_slice::<IgnoredAny>(body).map_err(json_error)?;
+        return Ok(Some((LlmFields::default(), None)));
+    }
     match serde_json::from_slice::<Raw>(body) {
         Ok(raw) => Ok(Some((fields_of(raw), None))),
         Err(e) if e.is_data() => {

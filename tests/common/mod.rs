@@ -59,7 +59,11 @@ pub struct Floodwall {
     pub child: Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The directory holding the policy file (watched by floodwall's reloader).
     pub dir: TempDir,
+    /// Log, ready file and upgrade socket: kept out of `dir`, so that log
+    /// writes do not wake the policy watcher.
+    pub run_dir: TempDir,
     pub config: PathBuf,
     pub log: PathBuf,
 }
@@ -78,8 +82,9 @@ impl Floodwall {
     }
 
     pub async fn start_at(dir: TempDir, config: PathBuf, env: &[(&str, &str)]) -> Floodwall {
-        let ready = dir.path().join("ready.json");
-        let log = dir.path().join("floodwall.log");
+        let run_dir = TempDir::new("fw-run");
+        let ready = run_dir.path().join("ready.json");
+        let log = run_dir.path().join("floodwall.log");
         let logf = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(bin());
         cmd.arg("run")
@@ -88,7 +93,7 @@ impl Floodwall {
             .arg("--ready-file")
             .arg(&ready)
             .arg("--upgrade-sock")
-            .arg(dir.path().join("upgrade.sock"))
+            .arg(run_dir.path().join("upgrade.sock"))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
@@ -126,6 +131,7 @@ impl Floodwall {
             addr,
             admin,
             dir,
+            run_dir,
             config,
             log,
         }
@@ -295,7 +301,9 @@ impl Client {
         let peer = HttpPeer::new(addr, false, String::new());
         let (mut s, _) = self.connector.get_http_session(&peer).await.expect("connect");
         let mut req = RequestHeader::build(method, path.as_bytes(), None).unwrap();
-        req.insert_header("host", addr.to_string()).unwrap();
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req.insert_header("host", addr.to_string()).unwrap();
+        }
         for (k, v) in headers {
             req.append_header(k.to_string(), *v).unwrap();
         }
@@ -423,4 +431,218 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Poll `f` until it yields `Some`, for at most `within`; panic naming `what`
+/// otherwise. Every wait in the tests goes through here or through a timeout.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A policy with several backends (name, endpoint URL) and extra `server:`
+/// lines (each already indented by two spaces).
+pub fn policy_with(server_extra: &str, backends: &[(&str, &str)], routes: &str) -> String {
+    let mut b = String::new();
+    for (name, url) in backends {
+        b.push_str(&format!(
+            "  {name}:\n    endpoints: [\"{url}\"]\n    timeouts: {{ connect: 1s, response_headers: 5s }}\n"
+        ));
+    }
+    format!(
+        r#"version: 1
+server:
+  listen: ["127.0.0.1:0"]
+  admin: {{ listen: "127.0.0.1:0" }}
+  threads: 2
+  grace_period: 1s
+{server_extra}
+backends:
+{b}routes:
+{routes}"#
+    )
+}
+
+pub fn mock_url(mock: &MockServer) -> String {
+    format!("http://{}", mock.addr())
+}
+
+/// An absolute path under `tests/fixtures`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A tiny upstream that answers every request with the same raw bytes
+/// (which must frame themselves: Content-Length or chunked). Keep-alive;
+/// requests are recorded raw. Stops when dropped.
+pub struct FixedUpstream {
+    pub addr: SocketAddr,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FixedUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn fixed_upstream(response: &[u8]) -> FixedUpstream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let response = response.to_vec();
+    let seen = requests.clone();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let response = response.clone();
+            let seen = seen.clone();
+            conns.spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // One request: the head, then a Content-Length body.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 8192];
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let mut chunk = [0u8; 8192];
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let req: Vec<u8> = buf.drain(..head_end + len).collect();
+                    seen.lock().unwrap().push(req);
+                    if sock.write_all(&response).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    FixedUpstream { addr, requests, task }
+}
+
+/// A raw TCP connection to `addr` with a bounded read of one response head.
+pub struct RawConn {
+    pub stream: tokio::net::TcpStream,
+    /// Bytes read past the head.
+    pub rest: Vec<u8>,
+}
+
+impl RawConn {
+    pub async fn connect(addr: SocketAddr) -> RawConn {
+        let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await
+            .expect("connect within 5s")
+            .expect("connect");
+        RawConn { stream, rest: Vec::new() }
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Read up to the end of a response head (within `within`) and return it.
+    pub async fn read_head(&mut self, within: Duration) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut buf = std::mem::take(&mut self.rest);
+        tokio::time::timeout(within, async {
+            loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    self.rest = buf.split_off(i + 4);
+                    return String::from_utf8_lossy(&buf).into_owned();
+                }
+                let mut chunk = [0u8; 4096];
+                let n = self.stream.read(&mut chunk).await.expect("read head");
+                assert!(n > 0, "connection closed before a response head: {:?}", String::from_utf8_lossy(&buf));
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await
+        .expect("response head in time")
+    }
+
+    /// Read exactly `n` bytes (after the head), within `within`.
+    pub async fn read_exact(&mut self, n: usize, within: Duration) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut out = std::mem::take(&mut self.rest);
+        tokio::time::timeout(within, async {
+            while out.len() < n {
+                let mut chunk = [0u8; 4096];
+                let k = self.stream.read(&mut chunk).await.expect("read");
+                assert!(k > 0, "connection closed after {} of {n} bytes", out.len());
+                out.extend_from_slice(&chunk[..k]);
+            }
+        })
+        .await
+        .expect("bytes in time");
+        self.rest = out.split_off(n);
+        out
+    }
+
+    /// Read until the peer closes (within `within`); the bytes read.
+    pub async fn read_to_end(&mut self, within: Duration) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut out = std::mem::take(&mut self.rest);
+        tokio::time::timeout(within, async {
+            let mut chunk = [0u8; 4096];
+            loop {
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => out.extend_from_slice(&chunk[..k]),
+                }
+            }
+        })
+        .await
+        .expect("connection closed in time");
+        out
+    }
+}
+
+/// The status code of a raw response head.
+pub fn head_status(head: &str) -> u16 {
+    head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// A header of a raw response head (case-insensitive name).
+pub fn head_header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
 }

@@ -1,0 +1,22 @@
+-- wrk script for benches/load.sh: a small non-streaming OpenAI chat call,
+-- POST /v1/chat/completions with a JSON body, as an LLM SDK would send it.
+-- At the end it prints one machine-readable line (latencies in microseconds).
+
+wrk.method = "POST"
+wrk.path = "/v1/chat/completions"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Accept"] = "application/json"
+wrk.body = '{"model":"mock-model","messages":['
+  .. '{"role":"system","content":"You are a terse assistant."},'
+  .. '{"role":"user","content":"Say hello to the load benchmark in five words."}'
+  .. '],"max_tokens":16,"temperature":0}'
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRK_RESULT requests=%d duration_us=%d bytes=%d p50_us=%d p90_us=%d p99_us=%d max_us=%d mean_us=%.1f "
+      .. "err_connect=%d err_read=%d err_write=%d err_status=%d err_timeout=%d\n",
+    summary.requests, summary.duration, summary.bytes,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean,
+    e.connect, e.read, e.write, e.status, e.timeout))
+end

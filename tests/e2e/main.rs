@@ -1,0 +1,18 @@
+//! End-to-end tests: the real `floodwall` binary on ephemeral ports, in front
+//! of the in-process mock backend (or a fixed raw-bytes upstream). One test
+//! crate so that the suite links once; one module per area.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod admin;
+mod check;
+mod cors;
+mod errors;
+mod headers;
+mod passthrough;
+mod reload;
+mod request_checks;
+mod routing;
+mod tls;
+mod websocket;
