@@ -36,20 +36,45 @@ pub enum ReloadOutcome {
 pub struct Reloader {
     shared: Arc<Shared>,
     path: PathBuf,
+    /// Hash of the last file that failed to compile: the same bytes are not
+    /// recompiled (and not counted again) until they change or SIGHUP.
+    last_failed: std::sync::Mutex<Option<String>>,
 }
 
 impl Reloader {
     pub fn new(shared: Arc<Shared>, path: PathBuf) -> Self {
-        Reloader { shared, path }
+        Reloader {
+            shared,
+            path,
+            last_failed: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn remember_failure(&self, hash: Option<String>) {
+        if let Ok(mut g) = self.last_failed.lock() {
+            *g = hash;
+        }
     }
 
     /// Recompile the file and swap it in if it compiles. `force` reloads even
     /// when the file's hash is unchanged (SIGHUP: env-held secrets may have changed).
     pub fn reload(&self, force: bool) -> ReloadOutcome {
         let current = self.shared.snapshot();
+        // Hash the bytes first: unchanged files and known-bad files are skipped.
+        let file_hash = std::fs::read(&self.path).ok().map(|b| config::sha256_hex(&b));
+        if !force {
+            if file_hash.as_deref() == Some(current.source.hash.as_str()) {
+                return ReloadOutcome::Unchanged;
+            }
+            let known_bad = self.last_failed.lock().map(|g| g.is_some() && *g == file_hash).unwrap_or(false);
+            if known_bad {
+                return ReloadOutcome::Unchanged;
+            }
+        }
         let snapshot = match config::load_file(&self.path) {
             Ok(s) => s,
             Err(errors) => {
+                self.remember_failure(file_hash);
                 for e in &errors.0 {
                     error!(target: "config", "{e}");
                 }
@@ -73,12 +98,14 @@ impl Reloader {
         let hash = snapshot.source.hash.clone();
         match Active::try_build(snapshot) {
             Ok(active) => {
+                self.remember_failure(None);
                 self.shared.config.store(Arc::new(active));
                 self.shared.metrics.config_reloaded(true, Some(&hash));
                 info!(target: "config", file = %self.path.display(), hash = %hash, "policy reloaded");
                 ReloadOutcome::Applied { hash }
             }
             Err(e) => {
+                self.remember_failure(Some(hash));
                 error!(target: "config", file = %self.path.display(), "policy reload failed: {e}");
                 self.shared.metrics.config_reloaded(false, None);
                 ReloadOutcome::Failed { errors: 1 }
@@ -111,6 +138,26 @@ fn watch_dirs(path: &Path) -> Vec<PathBuf> {
     dirs
 }
 
+/// File names in the watched directories whose changes can change the
+/// policy: the file itself, its symlink target, and Kubernetes' `..data`
+/// style entries (any name starting with `..`).
+fn watched_names(path: &Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<std::ffi::OsString> = path.file_name().map(|n| n.to_os_string()).into_iter().collect();
+    if let Some(n) = std::fs::canonicalize(path).ok().and_then(|r| r.file_name().map(|n| n.to_os_string())) {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    names
+}
+
+fn is_relevant(p: &Path, names: &[std::ffi::OsString]) -> bool {
+    match p.file_name() {
+        Some(n) => names.iter().any(|x| x == n) || n.to_string_lossy().starts_with(".."),
+        None => true,
+    }
+}
+
 /// The Pingora background service that runs the watcher and the SIGHUP handler.
 pub struct ReloadService(pub Arc<Reloader>);
 
@@ -119,9 +166,12 @@ impl BackgroundService for ReloadService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let reloader = self.0.clone();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let names = watched_names(&reloader.path);
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
-                let _ = tx.send(());
+            if let Ok(ev) = res {
+                if ev.paths.iter().any(|p| is_relevant(p, &names)) {
+                    let _ = tx.send(());
+                }
             }
         });
         let _watcher = match watcher {

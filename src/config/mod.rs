@@ -155,7 +155,7 @@ pub fn compile_str_with_env(
     }
     let source = SourceInfo {
         path: PathBuf::from(file_label),
-        hash: sha256_hex(text),
+        hash: sha256_hex(text.as_bytes()),
         loaded_at: SystemTime::now(),
     };
     let snapshot = parsed
@@ -181,8 +181,9 @@ pub fn compile_str_with_env(
     }
 }
 
-fn sha256_hex(text: &str) -> String {
-    Sha256::digest(text.as_bytes())
+/// Hex SHA-256, as used for `source.hash`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()

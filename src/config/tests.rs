@@ -665,7 +665,7 @@ fn compile_str_hashes_the_text() {
     assert_ne!(a.source.hash, b.source.hash);
     // sha256("") is well known; check the encoding on a tiny input.
     assert_eq!(
-        sha256_hex(""),
+        sha256_hex(b""),
         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     );
 }
@@ -740,6 +740,331 @@ fn corrupted_files_never_panic() {
             assert!(!errors.is_empty());
             for e in errors.iter() {
                 assert!(!e.message.is_empty() && e.line > 0, "{e}");
+            }
+        }
+    }
+}
+
+/// `docs/teams.md` maps every number in the teams' plans to a row. Each
+/// `expressed` row is a value that the team's example holds today; these
+/// tests compile each example and check those values, naming the row
+/// (`rc-80`...) in every message. The last two tests keep the doc honest:
+/// every `expressed` row names an example that exists and tests that exist.
+mod team_examples_hold_their_numbers {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    fn root() -> &'static Path {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// Compiles `examples/<name>.yaml`, with every `*_env` variable set.
+    fn example(name: &str) -> Snapshot {
+        let path = root().join("examples").join(format!("{name}.yaml"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let label = format!("examples/{name}.yaml");
+        compile_str_with_env(&text, &label, &|_| Some("redis://127.0.0.1:6379/0".into()))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn route<'a>(snap: &'a Snapshot, name: &str) -> &'a Route {
+        snap.routes
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("{}: no route `{name}`", snap.source.path.display()))
+    }
+
+    fn field<'a>(route: &'a Route, path: &str) -> &'a FieldCheck {
+        route
+            .request
+            .fields
+            .iter()
+            .find(|f| f.path == path)
+            .unwrap_or_else(|| panic!("route `{}`: no field check on `{path}`", route.name))
+    }
+
+    fn backend<'a>(snap: &'a Snapshot, name: &str) -> &'a Backend {
+        let i = *snap
+            .backend_index
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: no backend `{name}`", snap.source.path.display()));
+        &snap.backends[i]
+    }
+
+    /// The response-headers timeout a route's requests get: its own, else its backend's.
+    fn response_headers(snap: &Snapshot, route: &Route) -> Duration {
+        route
+            .timeouts
+            .response_headers
+            .unwrap_or(snap.backend(route).timeouts.response_headers)
+    }
+
+    fn prefix(route: &Route) -> &str {
+        match &route.matcher.path {
+            PathMatch::Prefix(p) | PathMatch::Exact(p) => p,
+        }
+    }
+
+    fn cidrs(snap: &Snapshot) -> Vec<String> {
+        snap.server
+            .trusted_proxies
+            .iter()
+            .map(|c| format!("{}/{}", c.addr, c.prefix))
+            .collect()
+    }
+
+    #[test]
+    fn research_copilot() {
+        let snap = example("research-copilot");
+
+        let names: Vec<&str> = snap.routes.iter().map(|r| r.name.as_str()).collect();
+        for (name, path) in [
+            ("copilot-agent", "/copilot-agent"),
+            ("copilot", "/copilot"),
+            ("chat", "/chat"),
+            ("rag-distllm", "/rag-distllm"),
+            ("rag", "/rag"),
+        ] {
+            assert_eq!(prefix(route(&snap, name)), path, "docs/teams.md rc-01: route `{name}`");
+        }
+        let at = |n: &str| names.iter().position(|x| *x == n).unwrap();
+        assert!(at("copilot-agent") < at("copilot"), "docs/teams.md rc-01: /copilot-agent before /copilot");
+        assert!(at("rag-distllm") < at("rag"), "docs/teams.md rc-01: /rag-distllm before /rag");
+
+        assert_eq!(
+            cidrs(&snap),
+            ["127.0.0.0/8", "10.0.0.0/8"],
+            "docs/teams.md rc-11: X-Forwarded-For believed only from the cluster's proxies"
+        );
+
+        let agent = route(&snap, "copilot-agent");
+        assert_eq!(
+            agent.timeouts.response_headers,
+            Some(Duration::from_secs(300)),
+            "docs/teams.md rc-26: agent timeout 5 minutes"
+        );
+
+        // The circuit-breaker table's per-dependency timeouts, each on the
+        // backend (and route) that dependency's calls go through.
+        for (row, route_name, backend_name, secs) in [
+            ("rc-34", "embeddings", "embedding", 10),
+            ("rc-38", "llm-egress", "openai", 30),
+            ("rc-42", "utils", "python-utils", 15),
+            ("rc-46", "mcp-tools", "mcp-tools", 20),
+        ] {
+            let r = route(&snap, route_name);
+            assert_eq!(r.backend_name, backend_name, "docs/teams.md {row}: route `{route_name}`");
+            assert_eq!(
+                backend(&snap, backend_name).timeouts.response_headers,
+                Duration::from_secs(secs),
+                "docs/teams.md {row}: {backend_name} timeout {secs} s"
+            );
+            assert_eq!(
+                response_headers(&snap, r),
+                Duration::from_secs(secs),
+                "docs/teams.md {row}: route `{route_name}` gets {secs} s"
+            );
+        }
+        assert!(
+            at("embeddings") < at("llm-egress"),
+            "docs/teams.md rc-34: /openai/v1/embeddings before /openai/v1/"
+        );
+
+        for name in ["copilot-agent", "copilot", "chat", "rag-distllm", "rag"] {
+            let query = field(route(&snap, name), "query");
+            assert_eq!(query.max_chars, Some(10_000), "docs/teams.md rc-80: `{name}` query <= 10,000 chars");
+        }
+        for name in ["copilot-agent", "copilot", "chat", "llm-egress"] {
+            assert_eq!(
+                route(&snap, name).request.max_messages,
+                Some(100),
+                "docs/teams.md rc-81: `{name}` history <= 100 messages"
+            );
+        }
+        for name in ["copilot-agent", "copilot"] {
+            let r = route(&snap, name);
+            assert_eq!(field(r, "image").max_bytes, Some(10 * MIB), "docs/teams.md rc-83: `{name}` image <= 10 MiB");
+            assert!(
+                r.request.max_body > 10 * MIB,
+                "docs/teams.md rc-83: `{name}` max_body leaves room for the image and the rest"
+            );
+        }
+
+        let admin = &snap.server.admin;
+        assert_eq!(admin.listen, "0.0.0.0:9090", "docs/teams.md rc-85/rc-86/rc-89: probes reachable by the kubelet");
+        assert_eq!(
+            admin.token_env.as_deref(),
+            Some("FLOODWALL_ADMIN_TOKEN"),
+            "docs/teams.md rc-101: admin status JSON behind a token"
+        );
+    }
+
+    #[test]
+    fn agent_chat() {
+        let snap = example("agent-chat");
+
+        let ws = route(&snap, "chat-ws");
+        assert!(ws.websocket, "docs/teams.md ac-06: WebSocket chats pass through");
+        assert_eq!(prefix(ws), "/ws/", "docs/teams.md ac-06");
+
+        let tools = route(&snap, "tools");
+        assert_eq!(tools.backend_name, "tools", "docs/teams.md ac-04");
+        assert_eq!(
+            response_headers(&snap, tools),
+            Duration::from_secs(20),
+            "docs/teams.md ac-04: a slow tool call is cut after 20 s"
+        );
+
+        assert_eq!(
+            cidrs(&snap),
+            ["127.0.0.0/8", "10.0.0.0/8"],
+            "docs/teams.md ac-15: client IP believed only from trusted proxies"
+        );
+
+        let chat = route(&snap, "chat");
+        assert_eq!(chat.request.json, JsonMode::Required, "docs/teams.md ac-16: chat bodies are JSON");
+        let message = field(chat, "message");
+        assert!(message.required, "docs/teams.md ac-16: message required");
+        assert_eq!(message.min_chars, Some(1), "docs/teams.md ac-16: message >= 1 char");
+        assert_eq!(message.max_chars, Some(4000), "docs/teams.md ac-16: message <= 4,000 chars (placeholder)");
+
+        assert_eq!(
+            snap.server.admin.token_env.as_deref(),
+            Some("FLOODWALL_ADMIN_TOKEN"),
+            "docs/teams.md ac-19: the admin token comes from the environment, never the file"
+        );
+    }
+
+    #[test]
+    fn maintenance_ops() {
+        let snap = example("maintenance-ops");
+
+        let admin = &snap.server.admin;
+        assert_eq!(admin.listen, "0.0.0.0:9090", "docs/teams.md mo-07/mo-08/mo-15: probes reachable by the kubelet");
+        assert!(admin.token_env.is_some(), "docs/teams.md mo-15: /admin/* needs a token on 0.0.0.0");
+
+        let cors = snap.server.cors.as_ref().expect("docs/teams.md mo-13: CORS configured");
+        assert_eq!(cors.allow_origins, ["https://ops.example.com"], "docs/teams.md mo-13: the browser front end");
+        assert!(
+            cors.allow_headers.iter().any(|h| h == "x-request-id"),
+            "docs/teams.md mo-12: the browser may send X-Request-ID"
+        );
+        assert!(
+            cors.expose_headers.iter().any(|h| h == "x-request-id"),
+            "docs/teams.md mo-12: the browser may read X-Request-ID"
+        );
+
+        assert_eq!(cidrs(&snap), ["10.0.0.0/8"], "docs/teams.md mo-18: client IP believed only from the ingress");
+
+        let agents = route(&snap, "agents");
+        assert_eq!(agents.request.json, JsonMode::Required, "docs/teams.md mo-20: agent bodies are JSON");
+        let prompt = field(agents, "prompt");
+        assert!(prompt.required, "docs/teams.md mo-20: prompt required");
+        assert_eq!(prompt.min_chars, Some(1), "docs/teams.md mo-20: prompt >= 1 char");
+        assert_eq!(prompt.max_chars, Some(10_000), "docs/teams.md mo-20: prompt <= 10,000 chars");
+        assert_eq!(
+            field(agents, "sessionId").format,
+            Some(FieldFormat::Uuid),
+            "docs/teams.md mo-21: sessionId is a UUID"
+        );
+
+        // Held today, used once shared limits land (planned, issue 3).
+        let redis = &snap.store.as_ref().expect("docs/teams.md mo-02: store.redis").redis;
+        assert_eq!(redis.expected_replicas, 2, "docs/teams.md mo-02: the HPA minimum");
+    }
+
+    #[test]
+    fn research_citation() {
+        let snap = example("research-citation");
+        for (name, strip, backend_name) in [("openai", "/openai", "openai"), ("anthropic", "/anthropic", "anthropic")] {
+            let r = route(&snap, name);
+            assert_eq!(
+                r.rewrite.as_ref().and_then(|w| w.strip_prefix.as_deref()),
+                Some(strip),
+                "docs/teams.md fw-02: egress route `{name}` strips {strip}"
+            );
+            assert_eq!(
+                r.backend_name, backend_name,
+                "docs/teams.md ci-18/ci-19: one backend per provider, so latency and errors are per provider"
+            );
+        }
+        assert_eq!(snap.backends.len(), 2, "docs/teams.md ci-18/ci-19: one backend per provider");
+    }
+
+    #[test]
+    fn notes_assistant() {
+        let snap = example("notes-assistant");
+        let query = route(&snap, "query");
+        assert_eq!(prefix(query), "/query", "docs/teams.md na-27: concurrent queries counted on route `query`");
+        assert_eq!(query.backend_name, "notes-api", "docs/teams.md na-27");
+        let hf = route(&snap, "hf-egress");
+        assert_eq!(
+            hf.rewrite.as_ref().and_then(|w| w.strip_prefix.as_deref()),
+            Some("/hf"),
+            "docs/teams.md fw-02: inference calls go out through /hf"
+        );
+    }
+
+    /// The rows of docs/teams.md's tables whose status is `expressed`, as cells.
+    fn expressed_rows() -> Vec<Vec<String>> {
+        let path = root().join("docs/teams.md");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let rows: Vec<Vec<String>> = text
+            .lines()
+            .filter(|l| l.trim_start().starts_with('|'))
+            .map(|l| l.trim().trim_matches('|').split('|').map(|c| c.trim().to_string()).collect::<Vec<_>>())
+            // | id | team | requirement | YAML path | status | proof |
+            .filter(|cells| cells.len() == 6 && cells[4].starts_with("expressed"))
+            .collect();
+        assert!(rows.len() >= 30, "only {} `expressed` rows found in docs/teams.md", rows.len());
+        rows
+    }
+
+    /// The `code spans` of a markdown cell.
+    fn code_spans(cell: &str) -> Vec<&str> {
+        cell.split('`').skip(1).step_by(2).collect()
+    }
+
+    #[test]
+    fn expressed_rows_name_existing_examples() {
+        for cells in expressed_rows() {
+            let file = code_spans(&cells[3])
+                .into_iter()
+                .find(|s| s.starts_with("examples/"))
+                .unwrap_or_else(|| panic!("docs/teams.md {}: no `examples/...` file in the YAML path", cells[0]));
+            assert!(root().join(file).is_file(), "docs/teams.md {}: `{file}` does not exist", cells[0]);
+        }
+    }
+
+    /// Every test named in an `expressed` row's proof exists: `module::name`
+    /// is a unit test of this module or an end-to-end test in
+    /// `tests/e2e/<module>.rs`.
+    #[test]
+    fn expressed_rows_name_existing_tests() {
+        let unit = std::fs::read_to_string(root().join("src/config/tests.rs")).unwrap();
+        for cells in expressed_rows() {
+            let proof = &cells[5];
+            let names: Vec<&str> = code_spans(proof).into_iter().filter(|s| s.contains("::")).collect();
+            assert!(
+                !names.is_empty() || proof.contains("e2e: pending"),
+                "docs/teams.md {}: no proof",
+                cells[0]
+            );
+            for name in names {
+                let (module, test) = name.rsplit_once("::").unwrap();
+                let source = if module == "team_examples_hold_their_numbers" {
+                    unit.clone()
+                } else {
+                    let file = root().join("tests/e2e").join(format!("{module}.rs"));
+                    std::fs::read_to_string(&file)
+                        .unwrap_or_else(|e| panic!("docs/teams.md {}: {}: {e}", cells[0], file.display()))
+                };
+                assert!(
+                    source.contains(&format!("fn {test}(")),
+                    "docs/teams.md {}: test `{name}` not found",
+                    cells[0]
+                );
             }
         }
     }

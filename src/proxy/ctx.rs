@@ -30,6 +30,8 @@ pub struct Ctx {
     pub response_started: bool,
     pub attempts: u32,
     pub backend: Option<String>,
+    /// The endpoint of `backend` picked for Pingora's own (WebSocket) path.
+    pub endpoint: Option<usize>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub error: Option<String>,
@@ -55,6 +57,7 @@ impl Ctx {
             response_started: false,
             attempts: 0,
             backend: None,
+            endpoint: None,
             bytes_in: 0,
             bytes_out: 0,
             error: None,

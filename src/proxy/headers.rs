@@ -129,6 +129,33 @@ pub fn cors_headers(cors: &CorsConfig, origin: Option<&str>) -> Vec<(&'static st
     out
 }
 
+/// Add CORS headers to a proxied response. `Vary` is merged with the
+/// upstream's own (`Vary: Accept-Encoding` must survive); the rest replace
+/// whatever the upstream said.
+pub fn add_cors(resp: &mut ResponseHeader, cors: &[(&'static str, String)]) -> pingora::Result<()> {
+    for (k, v) in cors {
+        if *k == "vary" {
+            let existing: Vec<String> = resp
+                .headers
+                .get_all("vary")
+                .iter()
+                .filter_map(|h| h.to_str().ok())
+                .flat_map(|h| h.split(','))
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect();
+            if existing.iter().any(|t| t == "*" || t.eq_ignore_ascii_case(v)) {
+                continue;
+            }
+            let merged = existing.into_iter().chain(std::iter::once(v.clone())).collect::<Vec<_>>().join(", ");
+            resp.insert_header("vary", merged)?;
+        } else {
+            resp.insert_header(*k, v.as_str())?;
+        }
+    }
+    Ok(())
+}
+
 /// Extra headers for a preflight answer (on top of [`cors_headers`]).
 pub fn preflight_headers(cors: &CorsConfig) -> Vec<(&'static str, String)> {
     vec![
@@ -174,6 +201,21 @@ mod tests {
         let b = new_request_id();
         assert_eq!(a.len(), 32);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn cors_vary_is_merged_with_the_upstreams() {
+        let cors = vec![("vary", "Origin".to_string()), ("access-control-allow-origin", "https://a".to_string())];
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("vary", "Accept-Encoding").unwrap();
+        add_cors(&mut resp, &cors).unwrap();
+        assert_eq!(resp.headers.get("vary").unwrap(), "Accept-Encoding, Origin");
+        add_cors(&mut resp, &cors).unwrap();
+        assert_eq!(resp.headers.get("vary").unwrap(), "Accept-Encoding, Origin", "not added twice");
+        let mut bare = ResponseHeader::build(200, None).unwrap();
+        add_cors(&mut bare, &cors).unwrap();
+        assert_eq!(bare.headers.get("vary").unwrap(), "Origin");
+        assert_eq!(bare.headers.get("access-control-allow-origin").unwrap(), "https://a");
     }
 
     #[test]

@@ -87,6 +87,13 @@ impl FloodwallProxy {
                 return Err(too_large(len, max));
             }
         }
+        // `Expect: 100-continue`: the body is acceptable so far, so ask for it
+        // now rather than leave the client waiting out its own timer.
+        if expects_continue(session.req_header()) && !session.is_body_empty() {
+            session.write_continue_response().await.map_err(|e| {
+                Reject::new(Reason::InvalidRequest, format!("could not send 100 Continue: {}", e.etype().as_str()))
+            })?;
+        }
         let mut buf = BytesMut::new();
         let read = async {
             while let Some(chunk) = session.read_request_body().await? {
@@ -163,7 +170,7 @@ impl FloodwallProxy {
         let mut report = AttemptReport::default();
         ctx.attempts += 1;
         ctx.backend = Some(backend_cfg.name.clone());
-        let attempt = upstream::start_attempt(
+        let start = upstream::start_attempt(
             &self.connector,
             backend,
             endpoint,
@@ -174,8 +181,25 @@ impl FloodwallProxy {
                 connect_timeout: route.timeouts.connect,
             },
             &mut report,
-        )
-        .await;
+        );
+        // The request body was read whole, so any downstream event while the
+        // upstream thinks means the client left: drop the attempt (closing
+        // its connection, so the backend stops generating) instead of
+        // waiting out a long completion nobody will read.
+        let attempt = tokio::select! {
+            biased;
+            a = start => a,
+            _ = session.downstream_session.read_body_or_idle(true) => {
+                let why = "client closed the connection before the response header";
+                ctx.error = Some(why.into());
+                return Err(Error::create(
+                    ErrorType::ConnectionClosed,
+                    pingora::ErrorSource::Downstream,
+                    Some(why.into()),
+                    None,
+                ));
+            }
+        };
         let outcome = if attempt.is_ok() { "ok" } else { report.outcome };
         self.shared.metrics.observe_upstream(
             &backend_cfg.name,
@@ -233,22 +257,22 @@ impl FloodwallProxy {
 
     /// Fix up an upstream response header for the client.
     fn prepare_response(&self, session: &Session, ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
-        let upstream_had_body_framing =
-            resp.headers.contains_key("content-length") || resp.headers.contains_key("transfer-encoding");
         headers::strip_hop_by_hop_response(resp);
         if session.as_http1().is_some() || session.req_header().version < http::Version::HTTP_2 {
             resp.set_version(http::Version::HTTP_11);
             // Without a length, HTTP/1.1 needs chunked framing; the hop-by-hop
-            // pass removed the upstream's own Transfer-Encoding.
-            if !resp.headers.contains_key("content-length") && (upstream_had_body_framing || resp.status.as_u16() >= 200)
-            {
+            // pass removed the upstream's own Transfer-Encoding. Statuses that
+            // never have a body must not carry it, nor may a response to an
+            // HTTP/1.0 request, whose body is then delimited by the close
+            // (RFC 9112 §6.1).
+            let bodiless = matches!(resp.status.as_u16(), 100..=199 | 204 | 304);
+            let client_chunks = session.req_header().version >= http::Version::HTTP_11;
+            if !bodiless && client_chunks && !resp.headers.contains_key("content-length") {
                 resp.insert_header("transfer-encoding", "chunked")?;
             }
         }
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
-        for (k, v) in &ctx.cors {
-            resp.insert_header(*k, v.as_str())?;
-        }
+        headers::add_cors(resp, &ctx.cors)?;
         Ok(())
     }
 }
@@ -266,6 +290,12 @@ fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
 
 fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// An HTTP/1.1 request with `Expect: 100-continue` (RFC 9110 §10.1.1).
+fn expects_continue(req: &RequestHeader) -> bool {
+    req.version == http::Version::HTTP_11
+        && header_str(req, "expect").is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
 }
 
 fn is_json_content_type(req: &RequestHeader) -> bool {
@@ -402,6 +432,7 @@ impl ProxyHttp for FloodwallProxy {
         };
         let backend = &active.backends[route.backend];
         let i = backend.pick();
+        ctx.endpoint = Some(i);
         ctx.backend = Some(active.snapshot.backends[route.backend].name.clone());
         ctx.attempts += 1;
         match backend.peer(i) {
@@ -420,7 +451,8 @@ impl ProxyHttp for FloodwallProxy {
             return Ok(());
         };
         let mut req = self.upstream_request(session, ctx, &route, &active)?;
-        if let Some(host) = active.backends[route.backend].host(0) {
+        // The Host of the endpoint `upstream_peer` picked, not the first one.
+        if let Some(host) = active.backends[route.backend].host(ctx.endpoint.unwrap_or(0)) {
             req.insert_header("host", host)?;
         }
         *upstream_request = req;
@@ -434,9 +466,7 @@ impl ProxyHttp for FloodwallProxy {
         if let Some(b) = &ctx.backend {
             resp.insert_header("x-floodwall-backend", b.as_str())?;
         }
-        for (k, v) in &ctx.cors {
-            resp.insert_header(*k, v.as_str())?;
-        }
+        headers::add_cors(resp, &ctx.cors)?;
         Ok(())
     }
 
@@ -467,7 +497,9 @@ impl ProxyHttp for FloodwallProxy {
                 pingora::ErrorSource::Upstream => Reason::UpstreamError,
                 pingora::ErrorSource::Downstream => {
                     if matches!(e.etype(), ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed) {
-                        ctx.error = Some(format!("client went away: {}", e.etype().as_str()));
+                        if ctx.error.is_none() {
+                            ctx.error = Some(format!("client went away: {}", e.etype().as_str()));
+                        }
                         return FailToProxy {
                             error_code: 0,
                             can_reuse_downstream: false,
@@ -478,7 +510,7 @@ impl ProxyHttp for FloodwallProxy {
                 _ => Reason::Internal,
             },
         };
-        let r = Reject::new(reason, format!("{}", e.etype().as_str()));
+        let r = Reject::new(reason, e.etype().as_str().to_string());
         let code = r.status();
         let _ = self.reject(session, ctx, r, false).await;
         FailToProxy {

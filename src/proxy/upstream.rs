@@ -235,7 +235,17 @@ pub async fn start_attempt(
             up.write_request_body(req.body.clone(), true).await?;
         }
         up.finish_request_body().await?;
-        up.read_response_header().await
+        // Skip interim answers (100 Continue, 103 Early Hints): the client
+        // gets the final one. 101 is final for an upgrade.
+        loop {
+            up.read_response_header().await?;
+            let interim = up
+                .response_header()
+                .is_some_and(|h| h.status.is_informational() && h.status != http::StatusCode::SWITCHING_PROTOCOLS);
+            if !interim {
+                return pingora::Result::<()>::Ok(());
+            }
+        }
     };
     match tokio::time::timeout_at(deadline.into(), sent).await {
         Err(_) => {

@@ -21,6 +21,7 @@ use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 
+#[allow(unused_imports)]
 pub use floodwall::mock::{FaultScript, MockOptions, MockServer};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -195,12 +196,10 @@ impl Drop for Floodwall {
 
 /// The value of a metric sample, e.g. `metric(&m, "floodwall_config_reloads_total{result=\"ok\"}")`.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
 }
 
 pub async fn start_mock() -> MockServer {
@@ -240,7 +239,10 @@ impl Resp {
         assert_eq!(self.header("x-floodwall-reason"), Some(reason), "reason header");
         let v = self.json();
         assert_eq!(v["error"]["code"], reason, "error.code in {v}");
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "message in {v}");
+        assert!(
+            v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "message in {v}"
+        );
         assert!(v["error"]["type"].as_str().is_some(), "type in {v}");
     }
 }
@@ -280,11 +282,24 @@ impl Client {
 
     pub async fn post_json(&self, addr: SocketAddr, path: &str, body: &serde_json::Value) -> Resp {
         let b = body.to_string();
-        self.send(addr, "POST", path, &[("content-type", "application/json")], b.as_bytes())
-            .await
+        self.send(
+            addr,
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            b.as_bytes(),
+        )
+        .await
     }
 
-    pub async fn send(&self, addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Resp {
         let (mut s, started) = self.open(addr, method, path, headers, body).await;
         read_all(&mut s, started, self.timeout).await
     }
@@ -315,7 +330,9 @@ impl Client {
         tokio::time::timeout(t, async {
             s.write_request_header(Box::new(req)).await.expect("write header");
             if !body.is_empty() {
-                s.write_request_body(Bytes::copy_from_slice(body), true).await.expect("write body");
+                s.write_request_body(Bytes::copy_from_slice(body), true)
+                    .await
+                    .expect("write body");
             }
             s.finish_request_body().await.expect("finish body");
             s.read_response_header().await.expect("read response header");
@@ -398,7 +415,16 @@ impl RedisServer {
     pub fn start_on(port: u16) -> RedisServer {
         let dir = TempDir::new("redis");
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -505,6 +531,16 @@ impl Drop for FixedUpstream {
 }
 
 pub async fn fixed_upstream(response: &[u8]) -> FixedUpstream {
+    fixed_upstream_with(response, false).await
+}
+
+/// [`fixed_upstream`] that closes each connection after its answer, for
+/// close-delimited bodies.
+pub async fn fixed_upstream_closing(response: &[u8]) -> FixedUpstream {
+    fixed_upstream_with(response, true).await
+}
+
+async fn fixed_upstream_with(response: &[u8], close: bool) -> FixedUpstream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -514,7 +550,9 @@ pub async fn fixed_upstream(response: &[u8]) -> FixedUpstream {
     let task = tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             let response = response.clone();
             let seen = seen.clone();
             conns.spawn(async move {
@@ -546,7 +584,8 @@ pub async fn fixed_upstream(response: &[u8]) -> FixedUpstream {
                     }
                     let req: Vec<u8> = buf.drain(..head_end + len).collect();
                     seen.lock().unwrap().push(req);
-                    if sock.write_all(&response).await.is_err() {
+                    if sock.write_all(&response).await.is_err() || close {
+                        let _ = sock.shutdown().await;
                         return;
                     }
                 }
@@ -569,7 +608,10 @@ impl RawConn {
             .await
             .expect("connect within 5s")
             .expect("connect");
-        RawConn { stream, rest: Vec::new() }
+        RawConn {
+            stream,
+            rest: Vec::new(),
+        }
     }
 
     pub async fn write(&mut self, bytes: &[u8]) {
@@ -589,7 +631,11 @@ impl RawConn {
                 }
                 let mut chunk = [0u8; 4096];
                 let n = self.stream.read(&mut chunk).await.expect("read head");
-                assert!(n > 0, "connection closed before a response head: {:?}", String::from_utf8_lossy(&buf));
+                assert!(
+                    n > 0,
+                    "connection closed before a response head: {:?}",
+                    String::from_utf8_lossy(&buf)
+                );
                 buf.extend_from_slice(&chunk[..n]);
             }
         })

@@ -13,26 +13,37 @@ async fn refused_connection_gets_502_upstream_connect_error() {
     let r = Client::new().get(fw.addr, "/v1/models").await;
     r.assert_floodwall_error(502, "upstream_connect_error");
     let m = fw.metrics().await;
-    assert_eq!(metric(&m, "floodwall_local_responses_total{reason=\"upstream_connect_error\"}"), Some(1.0));
+    assert_eq!(
+        metric(&m, "floodwall_local_responses_total{reason=\"upstream_connect_error\"}"),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_upstream_gets_504_after_response_headers_timeout() {
     let mock = start_mock().await;
-    let routes = "  - name: all\n    match: { path_prefix: / }\n    backend: main\n    timeouts: { response_headers: 1s }\n";
+    let routes =
+        "  - name: all\n    match: { path_prefix: / }\n    backend: main\n    timeouts: { response_headers: 1s }\n";
     let fw = Floodwall::start(&policy(&mock_url(&mock), routes)).await;
     let started = Instant::now();
-    let r = Client::new().send(fw.addr, "GET", "/v1/models", &[("x-mock-fault", "hang=1")], b"").await;
+    let r = Client::new()
+        .send(fw.addr, "GET", "/v1/models", &[("x-mock-fault", "hang=1")], b"")
+        .await;
     let took = started.elapsed();
     r.assert_floodwall_error(504, "upstream_timeout");
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "took {took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "took {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_reset_gets_502_upstream_error() {
     let mock = start_mock().await;
     let fw = Floodwall::start(&policy(&mock_url(&mock), ROUTE_ALL)).await;
-    let r = Client::new().send(fw.addr, "GET", "/v1/models", &[("x-mock-fault", "reset=1")], b"").await;
+    let r = Client::new()
+        .send(fw.addr, "GET", "/v1/models", &[("x-mock-fault", "reset=1")], b"")
+        .await;
     r.assert_floodwall_error(502, "upstream_error");
     assert_eq!(mock.stats().attempts("reset=1")[0].outcome, "reset");
 }
@@ -76,7 +87,10 @@ async fn client_disconnect_mid_stream_releases_the_upstream_and_the_request() {
             fw.addr,
             "POST",
             "/v1/chat/completions",
-            &[("content-type", "application/json"), ("x-mock-fault", "chunk_delay=300ms;chunks=50")],
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-fault", "chunk_delay=300ms;chunks=50"),
+            ],
             body.as_bytes(),
         )
         .await;
@@ -90,16 +104,59 @@ async fn client_disconnect_mid_stream_releases_the_upstream_and_the_request() {
     drop(s);
     let dropped = Instant::now();
 
-    eventually("the mock to see the client disconnect", Duration::from_secs(3), || async {
-        (!mock.stats().disconnects.is_empty()).then_some(())
-    })
+    eventually(
+        "the mock to see the client disconnect",
+        Duration::from_secs(3),
+        || async { (!mock.stats().disconnects.is_empty()).then_some(()) },
+    )
     .await;
-    assert!(dropped.elapsed() < Duration::from_millis(1500), "noticed after {:?}", dropped.elapsed());
-    assert_eq!(mock.stats().attempts("chunk_delay=300ms;chunks=50")[0].outcome, "disconnected");
+    assert!(
+        dropped.elapsed() < Duration::from_millis(1500),
+        "noticed after {:?}",
+        dropped.elapsed()
+    );
+    assert_eq!(
+        mock.stats().attempts("chunk_delay=300ms;chunks=50")[0].outcome,
+        "disconnected"
+    );
     fw.wait_metrics("floodwall_requests_active to return to 0", |m| {
         metric(m, "floodwall_requests_active{route=\"all\"}") == Some(0.0)
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_before_the_response_header_cancels_the_upstream_request() {
+    let mock = start_mock().await;
+    let fw = Floodwall::start(&policy(&mock_url(&mock), ROUTE_ALL)).await;
+    let mut c = RawConn::connect(fw.addr).await;
+    c.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-mock-fault: latency=5s\r\n\r\n")
+        .await;
+    eventually("the request to reach the mock", Duration::from_secs(3), || async {
+        (mock.stats().requests == 1).then_some(())
+    })
+    .await;
+    drop(c);
+    let dropped = Instant::now();
+    eventually("the mock to see floodwall give up", Duration::from_secs(3), || async {
+        (!mock.stats().disconnects.is_empty()).then_some(())
+    })
+    .await;
+    assert!(
+        dropped.elapsed() < Duration::from_millis(1500),
+        "noticed after {:?}",
+        dropped.elapsed()
+    );
+    assert_eq!(mock.stats().attempts("latency=5s")[0].outcome, "disconnected");
+    let m = fw
+        .wait_metrics("floodwall_requests_active to return to 0", |m| {
+            metric(m, "floodwall_requests_active{route=\"all\"}") == Some(0.0)
+        })
+        .await;
+    assert!(
+        !m.contains("reason=\"internal_error\""),
+        "a client leaving is not an internal error:\n{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,7 +165,8 @@ async fn stalled_request_body_gets_408() {
     let mock = start_mock().await;
     let fw = Floodwall::start(&policy(&mock_url(&mock), ROUTE_ALL)).await;
     let mut c = RawConn::connect(fw.addr).await;
-    c.write(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789").await;
+    c.write(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await;
     let head = c.read_head(Duration::from_secs(70)).await;
     assert_eq!(head_status(&head), 408, "{head}");
     assert_eq!(head_header(&head, "x-floodwall-reason"), Some("request_timeout"));

@@ -10,6 +10,7 @@ mod check;
 mod cors;
 mod errors;
 mod headers;
+mod http1;
 mod passthrough;
 mod reload;
 mod request_checks;

@@ -18,7 +18,9 @@ async fn json_response_passes_through_byte_for_byte() {
     let up = fixed_upstream(raw.as_bytes()).await;
     let fw = Floodwall::start(&policy(&format!("http://{}", up.addr), ROUTE_ALL)).await;
 
-    let r = Client::new().post_json(fw.addr, "/v1/chat/completions", &chat_body("hi", false)).await;
+    let r = Client::new()
+        .post_json(fw.addr, "/v1/chat/completions", &chat_body("hi", false))
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body.as_ref(), body.as_bytes(), "body differs: {:?}", r.text());
     assert!(r.complete);
@@ -54,7 +56,9 @@ async fn chunked_sse_response_passes_through_byte_for_byte() {
     let up = fixed_upstream(&raw).await;
     let fw = Floodwall::start(&policy(&format!("http://{}", up.addr), ROUTE_ALL)).await;
 
-    let r = Client::new().post_json(fw.addr, "/v1/chat/completions", &chat_body("hi", true)).await;
+    let r = Client::new()
+        .post_json(fw.addr, "/v1/chat/completions", &chat_body("hi", true))
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body.as_ref(), body.as_slice(), "body differs: {:?}", r.text());
     assert!(r.complete, "a finished stream ends with its terminator");
@@ -80,7 +84,10 @@ async fn sse_events_reach_the_client_as_they_are_produced() {
             fw.addr,
             "POST",
             "/v1/chat/completions",
-            &[("content-type", "application/json"), ("x-mock-fault", "chunk_delay=1500ms;chunks=3")],
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-fault", "chunk_delay=1500ms;chunks=3"),
+            ],
             body.as_bytes(),
         )
         .await;
@@ -98,8 +105,16 @@ async fn sse_events_reach_the_client_as_they_are_produced() {
         }
     }
     assert_eq!(arrivals.len(), 3, "three content events in {:?}", r.text());
-    assert!(arrivals[0] < Duration::from_millis(1200), "first event after {:?}", arrivals[0]);
-    assert!(arrivals[2] > Duration::from_millis(2500), "last event after {:?}", arrivals[2]);
+    assert!(
+        arrivals[0] < Duration::from_millis(1200),
+        "first event after {:?}",
+        arrivals[0]
+    );
+    assert!(
+        arrivals[2] > Duration::from_millis(2500),
+        "last event after {:?}",
+        arrivals[2]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,7 +126,13 @@ async fn large_prompt_passes_through_intact() {
     let body = json!({"model": "m", "messages": [{"role": "user", "content": prompt}]}).to_string();
     assert!(body.len() > 500 * 1024);
     let r = Client::new()
-        .send(fw.addr, "POST", "/v1/echo", &[("content-type", "application/json")], body.as_bytes())
+        .send(
+            fw.addr,
+            "POST",
+            "/v1/echo",
+            &[("content-type", "application/json")],
+            body.as_bytes(),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
@@ -135,5 +156,9 @@ async fn upstream_connections_are_reused() {
         attempts.iter().any(|a| a.request_on_connection > 0),
         "no request reused a connection: {attempts:?}"
     );
-    assert!(stats.connections_accepted < 5, "{} connections for 5 requests", stats.connections_accepted);
+    assert!(
+        stats.connections_accepted < 5,
+        "{} connections for 5 requests",
+        stats.connections_accepted
+    );
 }

@@ -15,7 +15,10 @@ struct Two {
 
 impl Two {
     async fn start() -> Two {
-        Two { a: start_mock().await, b: start_mock().await }
+        Two {
+            a: start_mock().await,
+            b: start_mock().await,
+        }
     }
 
     /// Both backends defined; the route uses `backend`.
@@ -32,9 +35,11 @@ async fn backend_of(fw: &Floodwall) -> String {
 }
 
 async fn wait_for_backend(fw: &Floodwall, want: &str) {
-    eventually(&format!("requests to go to backend `{want}`"), Duration::from_secs(10), || async {
-        (backend_of(fw).await == want).then_some(())
-    })
+    eventually(
+        &format!("requests to go to backend `{want}`"),
+        Duration::from_secs(10),
+        || async { (backend_of(fw).await == want).then_some(()) },
+    )
     .await;
 }
 
@@ -55,8 +60,13 @@ async fn edited_route_backend_applies_to_the_next_requests() {
 async fn broken_edit_keeps_the_old_policy_serving() {
     let two = Two::start().await;
     let fw = Floodwall::start(&two.policy("a")).await;
-    fw.write_policy(&two.policy("b").replace("routes:", "routes: [oops").replace("threads: 2", "threads: 0"));
-    fw.wait_metrics("a failed reload", |m| metric(m, ERROR).unwrap_or(0.0) >= 1.0).await;
+    fw.write_policy(
+        &two.policy("b")
+            .replace("routes:", "routes: [oops")
+            .replace("threads: 2", "threads: 0"),
+    );
+    fw.wait_metrics("a failed reload", |m| metric(m, ERROR).unwrap_or(0.0) >= 1.0)
+        .await;
     assert_eq!(backend_of(&fw).await, "a", "the previous policy still serves");
     let m = fw.metrics().await;
     assert_eq!(metric(&m, OK), Some(0.0));
@@ -73,11 +83,17 @@ async fn stream_in_flight_completes_across_a_reload() {
             fw.addr,
             "POST",
             "/v1/chat/completions",
-            &[("content-type", "application/json"), ("x-mock-fault", "chunk_delay=200ms;chunks=10")],
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-fault", "chunk_delay=200ms;chunks=10"),
+            ],
             body.as_bytes(),
         )
         .await;
-    assert_eq!(s.response_header().unwrap().headers.get("x-floodwall-backend").unwrap(), "a");
+    assert_eq!(
+        s.response_header().unwrap().headers.get("x-floodwall-backend").unwrap(),
+        "a"
+    );
     let first = tokio::time::timeout(Duration::from_secs(5), s.read_response_body())
         .await
         .expect("first event in time")
@@ -85,7 +101,8 @@ async fn stream_in_flight_completes_across_a_reload() {
         .expect("a body chunk");
 
     fw.write_policy(&two.policy("b"));
-    fw.wait_metrics("the reload", |m| metric(m, OK).unwrap_or(0.0) >= 1.0).await;
+    fw.wait_metrics("the reload", |m| metric(m, OK).unwrap_or(0.0) >= 1.0)
+        .await;
     assert_eq!(backend_of(&fw).await, "b", "new requests use the new policy");
 
     let rest = read_all(&mut s, started, Duration::from_secs(10)).await;
@@ -96,9 +113,11 @@ async fn stream_in_flight_completes_across_a_reload() {
     let content = data
         .iter()
         .filter(|d| {
-            serde_json::from_str::<serde_json::Value>(d)
-                .ok()
-                .is_some_and(|v| v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()))
+            serde_json::from_str::<serde_json::Value>(d).ok().is_some_and(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|c| !c.is_empty())
+            })
         })
         .count();
     assert_eq!(content, 10, "{text}");
@@ -112,7 +131,8 @@ async fn sighup_forces_a_reload() {
     let fw = Floodwall::start(&two.policy("a")).await;
     assert_eq!(backend_of(&fw).await, "a");
     fw.signal("HUP");
-    fw.wait_metrics("the SIGHUP reload", |m| metric(m, OK).unwrap_or(0.0) >= 1.0).await;
+    fw.wait_metrics("the SIGHUP reload", |m| metric(m, OK).unwrap_or(0.0) >= 1.0)
+        .await;
     assert_eq!(backend_of(&fw).await, "a", "still serving after SIGHUP");
 }
 

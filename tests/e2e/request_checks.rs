@@ -47,12 +47,22 @@ fn assert_mentions(msg: &str, parts: &[&str]) {
 async fn body_over_max_body_gets_413() {
     let (mock, fw) = setup().await;
     let body = vec![b'x'; 2048];
-    let r = Client::new().send(fw.addr, "POST", "/small/upload", &[("content-type", "text/plain")], &body).await;
+    let r = Client::new()
+        .send(
+            fw.addr,
+            "POST",
+            "/small/upload",
+            &[("content-type", "text/plain")],
+            &body,
+        )
+        .await;
     r.assert_floodwall_error(413, "body_too_large");
     assert_mentions(&message(&r), &["2048", "1024"]);
     assert_eq!(mock.stats().requests, 0);
     // A body just under the limit passes.
-    let ok = Client::new().send(fw.addr, "POST", "/small/upload", &[], &[b'x'; 1000]).await;
+    let ok = Client::new()
+        .send(fw.addr, "POST", "/small/upload", &[], &[b'x'; 1000])
+        .await;
     assert_eq!(ok.status, 200, "{}", ok.text());
 }
 
@@ -79,7 +89,13 @@ async fn invalid_json_gets_400_saying_where() {
     let (mock, fw) = setup().await;
     let body = b"{\"model\": \"m\",\n  \"messages\": [}\n";
     let r = Client::new()
-        .send(fw.addr, "POST", "/v1/chat/completions", &[("content-type", "application/json")], body)
+        .send(
+            fw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            body,
+        )
         .await;
     r.assert_floodwall_error(400, "invalid_json");
     assert_mentions(&message(&r), &["line 2 column 16"]);
@@ -89,9 +105,15 @@ async fn invalid_json_gets_400_saying_where() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_messages_gets_400_naming_limit_and_size() {
     let (_mock, fw) = setup().await;
-    let msgs: Vec<_> = (0..5).map(|i| json!({"role": "user", "content": format!("m{i}")})).collect();
+    let msgs: Vec<_> = (0..5)
+        .map(|i| json!({"role": "user", "content": format!("m{i}")}))
+        .collect();
     let r = Client::new()
-        .post_json(fw.addr, "/v1/chat/completions", &json!({"model": "m", "messages": msgs}))
+        .post_json(
+            fw.addr,
+            "/v1/chat/completions",
+            &json!({"model": "m", "messages": msgs}),
+        )
         .await;
     r.assert_floodwall_error(400, "request_too_large");
     assert_mentions(&message(&r), &["messages", "5", "3"]);
@@ -106,7 +128,9 @@ async fn long_prompt_gets_400_naming_limit_and_size() {
     r.assert_floodwall_error(400, "request_too_large");
     assert_mentions(&message(&r), &["prompt", "150", "100"]);
     // Within the limits the request goes through.
-    let ok = Client::new().post_json(fw.addr, "/v1/chat/completions", &chat_body("short", false)).await;
+    let ok = Client::new()
+        .post_json(fw.addr, "/v1/chat/completions", &chat_body("short", false))
+        .await;
     assert_eq!(ok.status, 200, "{}", ok.text());
 }
 
@@ -123,18 +147,28 @@ async fn field_checks_name_the_field_limit_and_size() {
     assert_mentions(&message(&r), &["query", "25", "20"]);
 
     let r = client
-        .post_json(fw.addr, "/search", &json!({"query": "ok", "prompt": "p", "metadata": {"sessionId": "not-a-uuid"}}))
+        .post_json(
+            fw.addr,
+            "/search",
+            &json!({"query": "ok", "prompt": "p", "metadata": {"sessionId": "not-a-uuid"}}),
+        )
         .await;
     r.assert_floodwall_error(400, "request_too_large");
     assert_mentions(&message(&r), &["metadata.sessionId", "UUID", "10"]);
 
-    let r = client.post_json(fw.addr, "/search", &json!({"query": "ok", "prompt": ""})).await;
+    let r = client
+        .post_json(fw.addr, "/search", &json!({"query": "ok", "prompt": ""}))
+        .await;
     r.assert_floodwall_error(400, "request_too_large");
     assert_mentions(&message(&r), &["prompt", "0", "1"]);
 
     assert_eq!(mock.stats().requests, 0);
     let ok = client
-        .post_json(fw.addr, "/search", &json!({"query": "ok", "prompt": "p", "metadata": {"sessionId": good_uuid}}))
+        .post_json(
+            fw.addr,
+            "/search",
+            &json!({"query": "ok", "prompt": "p", "metadata": {"sessionId": good_uuid}}),
+        )
         .await;
     assert_eq!(ok.status, 200, "{}", ok.text());
 }

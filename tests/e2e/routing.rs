@@ -31,7 +31,9 @@ async fn routed() -> (MockServer, Floodwall) {
 async fn backend_for(fw: &Floodwall, method: &str, path: &str, headers: &[(&str, &str)]) -> String {
     let r = Client::new().send(fw.addr, method, path, headers, b"").await;
     assert_eq!(r.status, 200, "{method} {path}: {}", r.text());
-    r.header("x-floodwall-backend").expect("x-floodwall-backend").to_string()
+    r.header("x-floodwall-backend")
+        .expect("x-floodwall-backend")
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,15 +56,27 @@ async fn method_filter_selects_the_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_match_selects_the_route() {
     let (_mock, fw) = routed().await;
-    assert_eq!(backend_for(&fw, "GET", "/v1/echo", &[("x-route", "beta")]).await, "beta");
-    assert_eq!(backend_for(&fw, "GET", "/v1/echo", &[("x-route", "gamma")]).await, "general");
+    assert_eq!(
+        backend_for(&fw, "GET", "/v1/echo", &[("x-route", "beta")]).await,
+        "beta"
+    );
+    assert_eq!(
+        backend_for(&fw, "GET", "/v1/echo", &[("x-route", "gamma")]).await,
+        "general"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_match_ignores_port_and_case() {
     let (_mock, fw) = routed().await;
-    assert_eq!(backend_for(&fw, "GET", "/v1/echo", &[("host", "Internal.Example.com:8080")]).await, "internal");
-    assert_eq!(backend_for(&fw, "GET", "/v1/echo", &[("host", "other.example.com")]).await, "general");
+    assert_eq!(
+        backend_for(&fw, "GET", "/v1/echo", &[("host", "Internal.Example.com:8080")]).await,
+        "internal"
+    );
+    assert_eq!(
+        backend_for(&fw, "GET", "/v1/echo", &[("host", "other.example.com")]).await,
+        "general"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,5 +58,9 @@ async fn https_backend_with_an_unknown_ca_is_refused() {
     let fw = Floodwall::start(&tls_policy(mock.addr().port(), "")).await;
     let r = Client::new().get(fw.addr, "/echo").await;
     r.assert_floodwall_error(502, "upstream_connect_error");
-    assert_eq!(mock.stats().requests, 0, "no request went over an unverified connection");
+    assert_eq!(
+        mock.stats().requests,
+        0,
+        "no request went over an unverified connection"
+    );
 }

@@ -1,0 +1,415 @@
+#!/usr/bin/env bash
+# floodwall load benchmark: floodwall vs a bare Pingora proxy vs the backend
+# directly, measured side by side in one run. See BENCHMARKS.md.
+#
+#   benches/load.sh            full suite: 5 runs x 5 s per figure (~6 min)
+#   benches/load.sh --quick    smoke test: 1 run x 2 s per figure (~1 min)
+#
+# Options: --runs N, --duration SECONDS, --latencies "0 20" (mock latency in
+# ms), --no-build, --keep (keep the scratch directory with every log and raw
+# wrk output), -h/--help.
+#
+# What it does, for each mock latency (0 ms, then 20 ms):
+#   1. starts `floodwall mock` (the bundled mock LLM backend), the bare Pingora
+#      proxy (examples/bare_proxy, built from benches/bare_proxy.rs) and
+#      floodwall with a minimal policy (one route, one backend, no policies),
+#      all on 127.0.0.1 with ephemeral ports, 2 worker threads per proxy;
+#   2. warms each target up, then for every run measures each of the three
+#      targets (direct to the mock, bare Pingora, floodwall), in an order
+#      rotated from run to run:
+#        - c=1  (wrk -t1 -c1):  latency p50/p99;
+#        - c=64 (wrk -t2 -c64): throughput;
+#      and for both, the CPU time (sum of /proc/PID/task/*/schedstat; utime+stime
+#      from /proc/PID/stat is kept in the .tsv as a cross-check) the
+#      target's process used per completed request (for "direct": the mock's),
+#      and its peak RSS (VmHWM, reset through /proc/PID/clear_refs first);
+#   3. prints a Markdown table (median, [min-max] over the runs) and the
+#      ratios against floodwall's targets, and writes it to
+#      bench-results/load-<timestamp>.md (+ the raw rows as .tsv).
+#
+# The load is a small non-streaming chat call (benches/chat.lua): POST
+# /v1/chat/completions with a JSON body. Every process started here is
+# stopped by PID at the end, also on error or ctrl-c (SIGTERM, then SIGKILL
+# after 3 s). Nothing is pinned: wrk, the proxy and the mock share the
+# machine's cores, so on a small machine the absolute figures include that
+# contention; compare the targets with each other, not with other machines.
+
+set -Eeuo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+RUNS=5
+DURATION=5
+WARMUP=2
+LATENCIES="0 20"
+BUILD=1
+KEEP=0
+MODE=full
+ARGS_GIVEN="$*"
+
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) MODE=quick; RUNS=1; DURATION=2; WARMUP=1 ;;
+    --runs) RUNS=${2:?--runs needs a value}; shift ;;
+    --duration) DURATION=${2:?--duration needs a value}; shift ;;
+    --latencies) LATENCIES=${2:?--latencies needs a value}; shift ;;
+    --no-build) BUILD=0 ;;
+    --keep) KEEP=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "load.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$RUNS$DURATION" in *[!0-9]*) echo "load.sh: --runs and --duration take whole numbers" >&2; exit 2 ;; esac
+[ "$RUNS" -ge 1 ] && [ "$DURATION" -ge 1 ] || { echo "load.sh: --runs and --duration must be >= 1" >&2; exit 2; }
+
+log() { printf '[load %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# --- processes: every PID started here, stopped on exit --------------------
+
+PIDS=()
+WORK=""
+cleanup() {
+  local rc=$? pid i
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do
+    for ((i = 0; i < 30; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "PID $pid did not stop within 3s: SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+  done
+  PIDS=()
+  if [ -n "$WORK" ] && [ -d "$WORK" ]; then
+    if [ "$KEEP" = 1 ] || [ "$rc" != 0 ]; then
+      log "logs and raw output kept in $WORK"
+    else
+      rm -rf "$WORK"
+    fi
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+# Stop one process we started (SIGTERM, bounded wait, SIGKILL) and forget it.
+stop_pid() {
+  local pid=$1 i keep=()
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 30; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  for i in "${PIDS[@]}"; do [ "$i" = "$pid" ] || keep+=("$i"); done
+  PIDS=("${keep[@]+"${keep[@]}"}")
+}
+
+# --- prerequisites ----------------------------------------------------------
+
+if ! command -v wrk >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "wrk is missing: apt-get install -y wrk"
+    apt-get install -y wrk >&2 || { apt-get update >&2 && apt-get install -y wrk >&2; } \
+      || die "could not install wrk"
+  else
+    die "wrk is missing: install it (Debian/Ubuntu: sudo apt-get install wrk), then rerun"
+  fi
+fi
+for tool in timeout awk curl; do
+  command -v "$tool" >/dev/null 2>&1 || die "$tool is missing"
+done
+[ -r /proc/self/stat ] || die "/proc is needed (Linux only)"
+CLK_TCK=$(getconf CLK_TCK)
+
+if [ "$BUILD" = 1 ]; then
+  log "cargo build --release --bin floodwall --example bare_proxy"
+  cargo build --locked --release --bin floodwall --example bare_proxy >&2
+fi
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps 2>/dev/null | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+TARGET_DIR=${TARGET_DIR:-$ROOT/target}
+FLOODWALL=$TARGET_DIR/release/floodwall
+BARE=$TARGET_DIR/release/examples/bare_proxy
+[ -x "$FLOODWALL" ] || die "$FLOODWALL not built"
+[ -x "$BARE" ] || die "$BARE not built"
+LUA=$ROOT/benches/chat.lua
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/floodwall-bench.XXXXXX")
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS_DIR=$ROOT/bench-results
+mkdir -p "$RESULTS_DIR"
+TSV=$WORK/rows.tsv
+printf 'latency_ms\trun\ttarget\tconns\trequests\tduration_us\trps\tp50_us\tp90_us\tp99_us\tmax_us\tcpu_us_per_req\tmock_cpu_us_per_req\thwm_kb\terrors\tcpu_ticks_us_per_req\n' >"$TSV"
+
+# --- helpers ----------------------------------------------------------------
+
+# utime+stime of a process (all its threads, dead ones included), in ticks.
+cpu_ticks() {
+  local s
+  s=$(<"/proc/$1/stat") || die "process $1 is gone"
+  s=${s##*) }
+  # shellcheck disable=SC2086
+  set -- $s
+  echo $(( ${12} + ${13} ))
+}
+# CPU time of all of a process's threads in ns, from /proc/PID/task/*/schedstat
+# (the same clock as utime+stime, without the 1/CLK_TCK resolution, which is
+# too coarse for the c=1 runs against a 20 ms backend: ~9 ticks per run).
+# Threads that exit between two readings would be missed: the proxies' worker
+# threads live for the whole run, and utime+stime is recorded too as a check.
+cpu_ns() { cat "/proc/$1/task/"*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
+hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
+reset_hwm() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || true; }
+
+alive() { kill -0 "$1" 2>/dev/null; }
+
+# Wait (bounded) until FILE exists and is non-empty, while PID lives.
+wait_file() {
+  local file=$1 pid=$2 what=$3 i
+  for ((i = 0; i < 300; i++)); do
+    [ -s "$file" ] && return 0
+    alive "$pid" || die "$what exited during start-up (see $WORK)"
+    sleep 0.1
+  done
+  die "$what not ready within 30s (see $WORK)"
+}
+
+# One POST through a target, checked: 200 and a chat.completion body.
+check_target() {
+  local name=$1 addr=$2 out
+  out=$(curl -sS -m 5 -o - -w '\n%{http_code}' -X POST "http://$addr/v1/chat/completions" \
+    -H 'content-type: application/json' \
+    -d '{"model":"mock-model","messages":[{"role":"user","content":"ping"}]}') \
+    || die "$name at $addr does not answer"
+  case "$out" in
+    *'"chat.completion"'*$'\n'200) ;;
+    *) die "$name at $addr: unexpected answer: $out" ;;
+  esac
+}
+
+WRK_PID=""
+# run_wrk NAME ADDR THREADS CONNS SECONDS OUTFILE
+run_wrk() {
+  local rc=0
+  timeout -k 2 $(($5 + 30)) wrk -t"$3" -c"$4" -d"$5s" --timeout 5s --latency -s "$LUA" \
+    "http://$2/v1/chat/completions" >"$6" 2>&1 &
+  WRK_PID=$!
+  PIDS+=("$WRK_PID")
+  wait "$WRK_PID" || rc=$?
+  stop_pid "$WRK_PID"
+  WRK_PID=""
+  [ "$rc" = 0 ] || die "wrk against $1 failed (exit $rc): $(tail -3 "$6")"
+  grep -q '^WRK_RESULT ' "$6" || die "wrk against $1 printed no result: $(tail -3 "$6")"
+}
+
+# field FILE KEY: the value of KEY=value on the WRK_RESULT line.
+field() { awk -v k="$2" '$1 == "WRK_RESULT" { for (i = 2; i <= NF; i++) if (index($i, k "=") == 1) print substr($i, length(k) + 2) }' "$1"; }
+
+# measure LAT RUN TARGET ADDR PID MOCKPID CONNS THREADS
+measure() {
+  local lat=$1 run=$2 target=$3 addr=$4 pid=$5 mpid=$6 conns=$7 threads=$8
+  local out=$WORK/wrk-$lat-$run-$target-c$conns.txt c0 c1 m0 m1 n0 n1 req dur errs
+  reset_hwm "$pid"
+  c0=$(cpu_ticks "$pid"); m0=$(cpu_ns "$mpid"); n0=$(cpu_ns "$pid")
+  run_wrk "$target" "$addr" "$threads" "$conns" "$DURATION" "$out"
+  n1=$(cpu_ns "$pid"); c1=$(cpu_ticks "$pid"); m1=$(cpu_ns "$mpid")
+  req=$(field "$out" requests); dur=$(field "$out" duration_us)
+  [ "${req:-0}" -gt 0 ] || die "no request completed against $target: $(tail -3 "$out")"
+  errs=$(( $(field "$out" err_connect) + $(field "$out" err_read) + $(field "$out" err_write) \
+    + $(field "$out" err_status) + $(field "$out" err_timeout) ))
+  [ "$errs" = 0 ] || log "warning: $target c=$conns: $errs errors (see $out)"
+  awk -v lat="$lat" -v run="$run" -v t="$target" -v c="$conns" -v req="$req" -v dur="$dur" \
+    -v p50="$(field "$out" p50_us)" -v p90="$(field "$out" p90_us)" -v p99="$(field "$out" p99_us)" \
+    -v max="$(field "$out" max_us)" -v dc=$((c1 - c0)) -v dn=$((n1 - n0)) -v dm=$((m1 - m0)) -v tck="$CLK_TCK" \
+    -v hwm="$(hwm_kb "$pid")" -v errs="$errs" 'BEGIN {
+      printf "%s\t%s\t%s\t%s\t%d\t%d\t%.1f\t%d\t%d\t%d\t%d\t%.2f\t%.2f\t%d\t%d\t%.2f\n",
+        lat, run, t, c, req, dur, req / (dur / 1e6), p50, p90, p99, max,
+        dn / 1e3 / req, dm / 1e3 / req, hwm, errs, dc * 1e6 / tck / req }' >>"$TSV"
+  tail -1 "$TSV" | awk -F'\t' '{ printf "[load] %2s ms run %s %-9s c=%-2s %7d req %8.0f req/s p50 %5d us p99 %6d us cpu %6.1f us/req rss %d KiB\n",
+    $1, $2, $3, $4, $5, $7, $8, $10, $12, $14 }' >&2
+}
+
+# --- one mock latency: start the three targets, measure, stop ---------------
+
+bench_latency() {
+  local lat=$1 dir=$WORK/lat$1 fault=() mock_pid bare_pid fw_pid mock_addr bare_addr fw_addr run k i
+  mkdir -p "$dir"
+  [ "$lat" != 0 ] && fault=(--fault "latency=${lat}ms")
+
+  "$FLOODWALL" mock --listen 127.0.0.1:0 "${fault[@]+"${fault[@]}"}" >"$dir/mock.out" 2>"$dir/mock.err" &
+  mock_pid=$!; PIDS+=("$mock_pid")
+  wait_file "$dir/mock.out" "$mock_pid" "the mock"
+  mock_addr=$(sed -n 's|.*listening on http://\([0-9.]*:[0-9]*\).*|\1|p' "$dir/mock.out")
+  [ -n "$mock_addr" ] || die "cannot read the mock's address from $dir/mock.out"
+
+  "$BARE" --listen 127.0.0.1:0 --upstream "$mock_addr" --threads 2 --ready-file "$dir/bare.ready" \
+    >"$dir/bare.out" 2>"$dir/bare.err" &
+  bare_pid=$!; PIDS+=("$bare_pid")
+
+  cat >"$dir/floodwall.yaml" <<EOF
+# floodwall load benchmark: the minimal policy (one route, one backend, no policies).
+version: 1
+server:
+  listen: ["127.0.0.1:0"]
+  admin: { listen: 127.0.0.1:0 }
+  threads: 2
+  grace_period: 1s
+backends:
+  mock:
+    endpoints: ["http://$mock_addr"]
+routes:
+  - name: all
+    match: { path_prefix: / }
+    backend: mock
+EOF
+  # Default logging (info, text: one access line per request) to a file.
+  "$FLOODWALL" run --config "$dir/floodwall.yaml" --ready-file "$dir/floodwall.ready" \
+    >"$dir/floodwall.out" 2>"$dir/floodwall.log" &
+  fw_pid=$!; PIDS+=("$fw_pid")
+
+  wait_file "$dir/bare.ready" "$bare_pid" "bare_proxy"
+  wait_file "$dir/floodwall.ready" "$fw_pid" "floodwall"
+  bare_addr=$(sed -n 's/.*"listen":\["\([^"]*\)".*/\1/p' "$dir/bare.ready")
+  fw_addr=$(sed -n 's/.*"listen":\["\([^"]*\)".*/\1/p' "$dir/floodwall.ready")
+  [ -n "$bare_addr" ] && [ -n "$fw_addr" ] || die "cannot read listen addresses from the ready files"
+  log "mock latency ${lat} ms: mock $mock_addr (PID $mock_pid), bare_proxy $bare_addr (PID $bare_pid), floodwall $fw_addr (PID $fw_pid)"
+
+  local names=(direct bare floodwall) addrs=("$mock_addr" "$bare_addr" "$fw_addr") pids=("$mock_pid" "$bare_pid" "$fw_pid")
+  for i in 0 1 2; do check_target "${names[$i]}" "${addrs[$i]}"; done
+  for i in 0 1 2; do
+    log "warm-up ${names[$i]} (${WARMUP}s, c=64)"
+    run_wrk "${names[$i]}" "${addrs[$i]}" 2 64 "$WARMUP" "$dir/warmup-${names[$i]}.txt"
+  done
+  for ((run = 1; run <= RUNS; run++)); do
+    for ((k = 0; k < 3; k++)); do
+      i=$(( (k + run - 1) % 3 ))
+      measure "$lat" "$run" "${names[$i]}" "${addrs[$i]}" "${pids[$i]}" "$mock_pid" 1 1
+      measure "$lat" "$run" "${names[$i]}" "${addrs[$i]}" "${pids[$i]}" "$mock_pid" 64 2
+    done
+  done
+  stop_pid "$fw_pid"; stop_pid "$bare_pid"; stop_pid "$mock_pid"
+}
+
+# --- run ----------------------------------------------------------------------
+
+rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$ROOT" diff --quiet HEAD 2>/dev/null || rev="$rev (+ uncommitted changes)"
+MACHINE="nproc $(nproc), $(uname -sr), $(rustc --version 2>/dev/null), $( (wrk --version 2>&1 || true) | awk 'NR == 1 {print $1, $2}')"
+CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+START=$(date +%s)
+log "mode $MODE: $RUNS run(s) x ${DURATION}s per figure, mock latencies: $LATENCIES ms; scratch $WORK"
+
+for lat in $LATENCIES; do
+  case "$lat" in *[!0-9]*|'') die "--latencies takes whole milliseconds" ;; esac
+  bench_latency "$lat"
+done
+ELAPSED=$(( $(date +%s) - START ))
+
+# --- report -----------------------------------------------------------------
+
+MD=$RESULTS_DIR/load-$STAMP.md
+{
+  echo "# floodwall load benchmark, $STAMP"
+  echo
+  echo "- command: \`benches/load.sh${ARGS_GIVEN:+ $ARGS_GIVEN}\` ($MODE: $RUNS run(s) x ${DURATION} s per figure, ${ELAPSED} s in all)"
+  echo "- commit: $rev"
+  echo "- machine: $MACHINE${CPU_MODEL:+, $CPU_MODEL}; load average before: $LOAD_BEFORE"
+  echo "- load: wrk, POST /v1/chat/completions (small JSON chat body, non-streaming), 127.0.0.1 only;"
+  echo "  c=1: \`wrk -t1 -c1\`, c=64: \`wrk -t2 -c64\`; proxies run 2 worker threads; nothing pinned"
+  echo "  (wrk, proxy and mock share the cores)."
+  echo "- each cell: median [min-max] over the runs; \"added\" = target minus direct, paired run by run;"
+  echo "  CPU = CPU time of the target's process (all threads) per completed request (direct: the mock's),"
+  echo "  from /proc/PID/task/*/schedstat (utime+stime from /proc/PID/stat is in the .tsv as a cross-check);"
+  echo "  RSS = VmHWM of that process during the c=64 run."
+  echo
+  awk -F'\t' -v runs="$RUNS" '
+    function sort(a, n,   i, j, t) { for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t } }
+    # median [min-max] of the values stored under key k (v[k, 1..n[k]])
+    function stat(k, fmt,   a, m, i, med) {
+      m = n[k]; if (m == 0) return "-"
+      for (i = 1; i <= m; i++) a[i] = v[k, i]
+      sort(a, m)
+      med = (m % 2) ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2
+      if (m == 1) return sprintf(fmt, med)
+      return sprintf(fmt " [" fmt "-" fmt "]", med, a[1], a[m])
+    }
+    function add(k, x) { n[k]++; v[k, n[k]] = x }
+    NR == 1 { next }
+    {
+      lat = $1; run = $2; t = $3; c = $4
+      if (!(lat in seen)) { seen[lat] = 1; lats[++nl] = lat }
+      r[lat, run, t, c, "p50"] = $8; r[lat, run, t, c, "p99"] = $10
+      r[lat, run, t, c, "rps"] = $7; r[lat, run, t, c, "cpu"] = $12; r[lat, run, t, c, "hwm"] = $14
+      r[lat, run, t, c, "ok"] = 1; errs += $15
+      if (run > maxrun) maxrun = run
+    }
+    END {
+      split("direct bare floodwall", T, " ")
+      label["direct"] = "direct (mock)"; label["bare"] = "bare Pingora"; label["floodwall"] = "floodwall"
+      for (li = 1; li <= nl; li++) {
+        lat = lats[li]
+        for (run = 1; run <= maxrun; run++) for (ti = 1; ti <= 3; ti++) {
+          t = T[ti]
+          if (!((lat, run, t, 1, "ok") in r) || !((lat, run, t, 64, "ok") in r)) continue
+          add(lat SUBSEP t SUBSEP "p50", r[lat, run, t, 1, "p50"])
+          add(lat SUBSEP t SUBSEP "p99", r[lat, run, t, 1, "p99"])
+          add(lat SUBSEP t SUBSEP "rps", r[lat, run, t, 64, "rps"])
+          add(lat SUBSEP t SUBSEP "cpu64", r[lat, run, t, 64, "cpu"])
+          add(lat SUBSEP t SUBSEP "cpu1", r[lat, run, t, 1, "cpu"])
+          add(lat SUBSEP t SUBSEP "rss", r[lat, run, t, 64, "hwm"] / 1024)
+          if (t != "direct" && ((lat, run, "direct", 1, "ok") in r)) {
+            add(lat SUBSEP t SUBSEP "a50", r[lat, run, t, 1, "p50"] - r[lat, run, "direct", 1, "p50"])
+            add(lat SUBSEP t SUBSEP "a99", r[lat, run, t, 1, "p99"] - r[lat, run, "direct", 1, "p99"])
+          }
+          if (t == "floodwall" && ((lat, run, "bare", 64, "ok") in r)) {
+            add(lat SUBSEP "ratio64", r[lat, run, "floodwall", 64, "cpu"] / r[lat, run, "bare", 64, "cpu"])
+            add(lat SUBSEP "ratio1", r[lat, run, "floodwall", 1, "cpu"] / r[lat, run, "bare", 1, "cpu"])
+          }
+        }
+        printf "## Mock latency %s ms\n\n", lat
+        print "| target | p50 c=1 (µs) | p99 c=1 (µs) | added p50 (µs) | added p99 (µs) | req/s c=64 | CPU µs/req c=64 | CPU µs/req c=1 | peak RSS (MiB) |"
+        print "|---|---|---|---|---|---|---|---|---|"
+        for (ti = 1; ti <= 3; ti++) {
+          t = T[ti]; k = lat SUBSEP t SUBSEP
+          printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", label[t],
+            stat(k "p50", "%d"), stat(k "p99", "%d"),
+            (t == "direct") ? "-" : stat(k "a50", "%+d"), (t == "direct") ? "-" : stat(k "a99", "%+d"),
+            stat(k "rps", "%.0f"), stat(k "cpu64", "%.1f"), stat(k "cpu1", "%.1f"), stat(k "rss", "%.1f")
+        }
+        print ""
+      }
+      print "## Ratios vs targets (floodwall vs bare Pingora, measured side by side)"
+      print ""
+      print "| mock latency | floodwall ÷ bare CPU/req, c=64 (target ≤ 1.15×) | floodwall ÷ bare CPU/req, c=1 | floodwall added p99, c=1 (target < 300 µs) |"
+      print "|---|---|---|---|"
+      for (li = 1; li <= nl; li++) {
+        lat = lats[li]
+        cpu = stat(lat SUBSEP "ratio64", "%.2f×"); med64 = v_med(lat SUBSEP "ratio64")
+        a99 = stat(lat SUBSEP "floodwall" SUBSEP "a99", "%+d"); meda = v_med(lat SUBSEP "floodwall" SUBSEP "a99")
+        printf "| %s ms | %s %s | %s | %s %s |\n", lat,
+          cpu, (med64 <= 1.15) ? "(met)" : "(**missed**)",
+          stat(lat SUBSEP "ratio1", "%.2f×"),
+          a99, (meda < 300) ? "(met)" : "(**missed**)"
+      }
+      print ""
+      if (errs > 0) printf "**%d request errors during the runs** (see the .tsv and the warnings on stderr).\n\n", errs
+      else print "No request errors (connect/read/write/timeout/non-2xx) in any run."
+    }
+    function v_med(k,   a, m, i) {
+      m = n[k]; if (m == 0) return 0
+      for (i = 1; i <= m; i++) a[i] = v[k, i]
+      sort(a, m)
+      return (m % 2) ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2
+    }
+  ' "$TSV"
+} >"$MD"
+cp "$TSV" "${MD%.md}.tsv"
+echo
+cat "$MD"
+echo
+log "written: $MD (raw rows: ${MD%.md}.tsv)"
