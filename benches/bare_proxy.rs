@@ -23,12 +23,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::Result;
-use pingora::proxy::{ProxyHttp, Session};
 
 /// The minimal proxy: one upstream, plain HTTP/1.1.
 struct BareProxy {
@@ -135,7 +135,8 @@ impl BackgroundService for Ready {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let body = serde_json::json!({ "listen": [addr.to_string()], "pid": std::process::id() }).to_string();
+        let body = serde_json::json!({ "listen": [addr.to_string()], "pid": std::process::id() })
+            .to_string();
         println!("{body}");
         if let Some(path) = &self.ready_file {
             let tmp = path.with_extension("tmp");

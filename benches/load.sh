@@ -2,7 +2,7 @@
 # floodwall load benchmark: floodwall vs a bare Pingora proxy vs the backend
 # directly, measured side by side in one run. See BENCHMARKS.md.
 #
-#   benches/load.sh            full suite: 5 runs x 5 s per figure (~6 min)
+#   benches/load.sh            full suite: 5 runs x 5 s per figure (~8 min)
 #   benches/load.sh --quick    smoke test: 1 run x 2 s per figure (~1 min)
 #
 # Options: --runs N, --duration SECONDS, --latencies "0 20" (mock latency in
@@ -12,17 +12,20 @@
 # What it does, for each mock latency (0 ms, then 20 ms):
 #   1. starts `floodwall mock` (the bundled mock LLM backend), the bare Pingora
 #      proxy (examples/bare_proxy, built from benches/bare_proxy.rs) and
-#      floodwall with a minimal policy (one route, one backend, no policies),
-#      all on 127.0.0.1 with ephemeral ports, 2 worker threads per proxy;
-#   2. warms each target up, then for every run measures each of the three
-#      targets (direct to the mock, bare Pingora, floodwall), in an order
-#      rotated from run to run:
+#      floodwall with a minimal policy (one route, one backend, no policies)
+#      twice: with its default logging (one access-log line per request, to a
+#      file) and with the access log off; all on 127.0.0.1 with ephemeral
+#      ports, 2 worker threads per proxy;
+#   2. warms each target up, then for every run measures each target (direct
+#      to the mock, bare Pingora, the two floodwalls), in an order rotated
+#      from run to run:
 #        - c=1  (wrk -t1 -c1):  latency p50/p99;
 #        - c=64 (wrk -t2 -c64): throughput;
-#      and for both, the CPU time (sum of /proc/PID/task/*/schedstat; utime+stime
-#      from /proc/PID/stat is kept in the .tsv as a cross-check) the
-#      target's process used per completed request (for "direct": the mock's),
-#      and its peak RSS (VmHWM, reset through /proc/PID/clear_refs first);
+#      and for both, the CPU time the target's process used per completed
+#      request (for "direct": the mock's), summed over its threads from
+#      /proc/PID/task/*/schedstat (utime+stime from /proc/PID/stat is kept in
+#      the .tsv as a cross-check), and its peak RSS (VmHWM, reset through
+#      /proc/PID/clear_refs first);
 #   3. prints a Markdown table (median, [min-max] over the runs) and the
 #      ratios against floodwall's targets, and writes it to
 #      bench-results/load-<timestamp>.md (+ the raw rows as .tsv).
@@ -48,7 +51,7 @@ KEEP=0
 MODE=full
 ARGS_GIVEN="$*"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -96,7 +99,8 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT TERM
+# (Subshells inherit the trap: only the script itself reports.)
+trap '[ "$BASHPID" = "$$" ] && log "interrupted"; exit 130' INT TERM
 
 # Stop one process we started (SIGTERM, bounded wait, SIGKILL) and forget it.
 stop_pid() {
@@ -233,24 +237,16 @@ measure() {
     $1, $2, $3, $4, $5, $7, $8, $10, $12, $14 }' >&2
 }
 
-# --- one mock latency: start the three targets, measure, stop ---------------
+# --- one mock latency: start the targets, measure, stop ---------------------
 
-bench_latency() {
-  local lat=$1 dir=$WORK/lat$1 fault=() mock_pid bare_pid fw_pid mock_addr bare_addr fw_addr run k i
-  mkdir -p "$dir"
-  [ "$lat" != 0 ] && fault=(--fault "latency=${lat}ms")
-
-  "$FLOODWALL" mock --listen 127.0.0.1:0 "${fault[@]+"${fault[@]}"}" >"$dir/mock.out" 2>"$dir/mock.err" &
-  mock_pid=$!; PIDS+=("$mock_pid")
-  wait_file "$dir/mock.out" "$mock_pid" "the mock"
-  mock_addr=$(sed -n 's|.*listening on http://\([0-9.]*:[0-9]*\).*|\1|p' "$dir/mock.out")
-  [ -n "$mock_addr" ] || die "cannot read the mock's address from $dir/mock.out"
-
-  "$BARE" --listen 127.0.0.1:0 --upstream "$mock_addr" --threads 2 --ready-file "$dir/bare.ready" \
-    >"$dir/bare.out" 2>"$dir/bare.err" &
-  bare_pid=$!; PIDS+=("$bare_pid")
-
-  cat >"$dir/floodwall.yaml" <<EOF
+# start_floodwall DIR NAME MOCK_ADDR [ENV=VALUE...]: run floodwall with the
+# minimal policy; prints its PID. The policy sits alone in its own directory:
+# floodwall watches the policy's directory, and before 9ecf138 any event there
+# (such as a busy log file next to the policy) woke the watcher.
+start_floodwall() {
+  local dir=$1 name=$2 mock_addr=$3; shift 3
+  mkdir -p "$dir/$name-policy"
+  cat >"$dir/$name-policy/floodwall.yaml" <<EOF
 # floodwall load benchmark: the minimal policy (one route, one backend, no policies).
 version: 1
 server:
@@ -266,38 +262,69 @@ routes:
     match: { path_prefix: / }
     backend: mock
 EOF
-  # Default logging (info, text: one access line per request) to a file.
-  "$FLOODWALL" run --config "$dir/floodwall.yaml" --ready-file "$dir/floodwall.ready" \
-    >"$dir/floodwall.out" 2>"$dir/floodwall.log" &
-  fw_pid=$!; PIDS+=("$fw_pid")
+  env "$@" "$FLOODWALL" run --config "$dir/$name-policy/floodwall.yaml" --ready-file "$dir/$name.ready" \
+    >"$dir/$name.out" 2>"$dir/$name.log" &
+  echo $!
+}
 
-  wait_file "$dir/bare.ready" "$bare_pid" "bare_proxy"
-  wait_file "$dir/floodwall.ready" "$fw_pid" "floodwall"
-  bare_addr=$(sed -n 's/.*"listen":\["\([^"]*\)".*/\1/p' "$dir/bare.ready")
-  fw_addr=$(sed -n 's/.*"listen":\["\([^"]*\)".*/\1/p' "$dir/floodwall.ready")
-  [ -n "$bare_addr" ] && [ -n "$fw_addr" ] || die "cannot read listen addresses from the ready files"
-  log "mock latency ${lat} ms: mock $mock_addr (PID $mock_pid), bare_proxy $bare_addr (PID $bare_pid), floodwall $fw_addr (PID $fw_pid)"
+ready_addr() { sed -n 's/.*"listen":\["\([^"]*\)".*/\1/p' "$1"; }
 
-  local names=(direct bare floodwall) addrs=("$mock_addr" "$bare_addr" "$fw_addr") pids=("$mock_pid" "$bare_pid" "$fw_pid")
-  for i in 0 1 2; do check_target "${names[$i]}" "${addrs[$i]}"; done
-  for i in 0 1 2; do
+# The targets, in table order: direct to the mock, bare Pingora, floodwall
+# (default logging: info, text, one access line per request, written to a
+# file), and floodwall with the access log off (RUST_LOG=info,access=off), to
+# show what the access log costs.
+TARGETS=(direct bare floodwall floodwall_noaccess)
+
+bench_latency() {
+  local lat=$1 dir=$WORK/lat$1 fault=() mock_pid mock_addr run k i n
+  local names=("${TARGETS[@]}") addrs=() pids=()
+  n=${#names[@]}
+  mkdir -p "$dir"
+  [ "$lat" != 0 ] && fault=(--fault "latency=${lat}ms")
+
+  "$FLOODWALL" mock --listen 127.0.0.1:0 "${fault[@]+"${fault[@]}"}" >"$dir/mock.out" 2>"$dir/mock.err" &
+  mock_pid=$!; PIDS+=("$mock_pid")
+  wait_file "$dir/mock.out" "$mock_pid" "the mock"
+  mock_addr=$(sed -n 's|.*listening on http://\([0-9.]*:[0-9]*\).*|\1|p' "$dir/mock.out")
+  [ -n "$mock_addr" ] || die "cannot read the mock's address from $dir/mock.out"
+  addrs[0]=$mock_addr; pids[0]=$mock_pid
+
+  "$BARE" --listen 127.0.0.1:0 --upstream "$mock_addr" --threads 2 --ready-file "$dir/bare.ready" \
+    >"$dir/bare.out" 2>"$dir/bare.log" &
+  pids[1]=$!; PIDS+=("${pids[1]}")
+  pids[2]=$(start_floodwall "$dir" floodwall "$mock_addr"); PIDS+=("${pids[2]}")
+  pids[3]=$(start_floodwall "$dir" floodwall_noaccess "$mock_addr" RUST_LOG=info,access=off); PIDS+=("${pids[3]}")
+
+  for ((i = 1; i < n; i++)); do
+    wait_file "$dir/${names[$i]}.ready" "${pids[$i]}" "${names[$i]}"
+    addrs[$i]=$(ready_addr "$dir/${names[$i]}.ready")
+    [ -n "${addrs[$i]}" ] || die "cannot read the listen address from $dir/${names[$i]}.ready"
+  done
+  for ((i = 0; i < n; i++)); do
+    log "mock latency ${lat} ms: ${names[$i]} on ${addrs[$i]} (PID ${pids[$i]})"
+    check_target "${names[$i]}" "${addrs[$i]}"
+  done
+  for ((i = 0; i < n; i++)); do
     log "warm-up ${names[$i]} (${WARMUP}s, c=64)"
     run_wrk "${names[$i]}" "${addrs[$i]}" 2 64 "$WARMUP" "$dir/warmup-${names[$i]}.txt"
   done
   for ((run = 1; run <= RUNS; run++)); do
-    for ((k = 0; k < 3; k++)); do
-      i=$(( (k + run - 1) % 3 ))
+    for ((k = 0; k < n; k++)); do
+      i=$(( (k + run - 1) % n ))
       measure "$lat" "$run" "${names[$i]}" "${addrs[$i]}" "${pids[$i]}" "$mock_pid" 1 1
       measure "$lat" "$run" "${names[$i]}" "${addrs[$i]}" "${pids[$i]}" "$mock_pid" 64 2
     done
   done
-  stop_pid "$fw_pid"; stop_pid "$bare_pid"; stop_pid "$mock_pid"
+  for ((i = n - 1; i >= 0; i--)); do stop_pid "${pids[$i]}"; done
 }
 
 # --- run ----------------------------------------------------------------------
 
-rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-git -C "$ROOT" diff --quiet HEAD 2>/dev/null || rev="$rev (+ uncommitted changes)"
+if rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null); then
+  git -C "$ROOT" diff --quiet HEAD 2>/dev/null || rev="$rev (+ uncommitted changes)"
+else
+  rev="unknown (not a git checkout)"
+fi
 MACHINE="nproc $(nproc), $(uname -sr), $(rustc --version 2>/dev/null), $( (wrk --version 2>&1 || true) | awk 'NR == 1 {print $1, $2}')"
 CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -325,7 +352,11 @@ MD=$RESULTS_DIR/load-$STAMP.md
   echo "- each cell: median [min-max] over the runs; \"added\" = target minus direct, paired run by run;"
   echo "  CPU = CPU time of the target's process (all threads) per completed request (direct: the mock's),"
   echo "  from /proc/PID/task/*/schedstat (utime+stime from /proc/PID/stat is in the .tsv as a cross-check);"
-  echo "  RSS = VmHWM of that process during the c=64 run."
+  echo "  RSS = VmHWM of that process after the c=64 run (reset before each measurement, but the"
+  echo "  allocators keep what they got, so in effect the peak so far)."
+  echo "- targets: direct = wrk to the mock; bare Pingora = benches/bare_proxy.rs; floodwall = minimal"
+  echo "  policy, default logging (one text access-log line per request, stderr to a file); floodwall,"
+  echo "  access log off = the same with RUST_LOG=info,access=off."
   echo
   awk -F'\t' -v runs="$RUNS" '
     function sort(a, n,   i, j, t) { for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t } }
@@ -349,11 +380,12 @@ MD=$RESULTS_DIR/load-$STAMP.md
       if (run > maxrun) maxrun = run
     }
     END {
-      split("direct bare floodwall", T, " ")
+      nt = split("direct bare floodwall floodwall_noaccess", T, " ")
       label["direct"] = "direct (mock)"; label["bare"] = "bare Pingora"; label["floodwall"] = "floodwall"
+      label["floodwall_noaccess"] = "floodwall, access log off"
       for (li = 1; li <= nl; li++) {
         lat = lats[li]
-        for (run = 1; run <= maxrun; run++) for (ti = 1; ti <= 3; ti++) {
+        for (run = 1; run <= maxrun; run++) for (ti = 1; ti <= nt; ti++) {
           t = T[ti]
           if (!((lat, run, t, 1, "ok") in r) || !((lat, run, t, 64, "ok") in r)) continue
           add(lat SUBSEP t SUBSEP "p50", r[lat, run, t, 1, "p50"])
@@ -366,16 +398,17 @@ MD=$RESULTS_DIR/load-$STAMP.md
             add(lat SUBSEP t SUBSEP "a50", r[lat, run, t, 1, "p50"] - r[lat, run, "direct", 1, "p50"])
             add(lat SUBSEP t SUBSEP "a99", r[lat, run, t, 1, "p99"] - r[lat, run, "direct", 1, "p99"])
           }
-          if (t == "floodwall" && ((lat, run, "bare", 64, "ok") in r)) {
-            add(lat SUBSEP "ratio64", r[lat, run, "floodwall", 64, "cpu"] / r[lat, run, "bare", 64, "cpu"])
-            add(lat SUBSEP "ratio1", r[lat, run, "floodwall", 1, "cpu"] / r[lat, run, "bare", 1, "cpu"])
+          if (t ~ /^floodwall/ && ((lat, run, "bare", 64, "ok") in r)) {
+            add(lat SUBSEP t SUBSEP "ratio64", r[lat, run, t, 64, "cpu"] / r[lat, run, "bare", 64, "cpu"])
+            add(lat SUBSEP t SUBSEP "ratio1", r[lat, run, t, 1, "cpu"] / r[lat, run, "bare", 1, "cpu"])
           }
         }
         printf "## Mock latency %s ms\n\n", lat
         print "| target | p50 c=1 (µs) | p99 c=1 (µs) | added p50 (µs) | added p99 (µs) | req/s c=64 | CPU µs/req c=64 | CPU µs/req c=1 | peak RSS (MiB) |"
         print "|---|---|---|---|---|---|---|---|---|"
-        for (ti = 1; ti <= 3; ti++) {
+        for (ti = 1; ti <= nt; ti++) {
           t = T[ti]; k = lat SUBSEP t SUBSEP
+          if (n[k "p50"] == 0) continue
           printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", label[t],
             stat(k "p50", "%d"), stat(k "p99", "%d"),
             (t == "direct") ? "-" : stat(k "a50", "%+d"), (t == "direct") ? "-" : stat(k "a99", "%+d"),
@@ -385,16 +418,15 @@ MD=$RESULTS_DIR/load-$STAMP.md
       }
       print "## Ratios vs targets (floodwall vs bare Pingora, measured side by side)"
       print ""
-      print "| mock latency | floodwall ÷ bare CPU/req, c=64 (target ≤ 1.15×) | floodwall ÷ bare CPU/req, c=1 | floodwall added p99, c=1 (target < 300 µs) |"
-      print "|---|---|---|---|"
-      for (li = 1; li <= nl; li++) {
-        lat = lats[li]
-        cpu = stat(lat SUBSEP "ratio64", "%.2f×"); med64 = v_med(lat SUBSEP "ratio64")
-        a99 = stat(lat SUBSEP "floodwall" SUBSEP "a99", "%+d"); meda = v_med(lat SUBSEP "floodwall" SUBSEP "a99")
-        printf "| %s ms | %s %s | %s | %s %s |\n", lat,
-          cpu, (med64 <= 1.15) ? "(met)" : "(**missed**)",
-          stat(lat SUBSEP "ratio1", "%.2f×"),
-          a99, (meda < 300) ? "(met)" : "(**missed**)"
+      print "| mock latency | target | CPU/req ÷ bare, c=64 (target ≤ 1.15×) | CPU/req ÷ bare, c=1 | added p99, c=1 (target < 300 µs) |"
+      print "|---|---|---|---|---|"
+      for (li = 1; li <= nl; li++) for (ti = 3; ti <= nt; ti++) {
+        lat = lats[li]; t = T[ti]; k = lat SUBSEP t SUBSEP
+        if (n[k "ratio64"] == 0) continue
+        printf "| %s ms | %s | %s %s | %s | %s %s |\n", lat, label[t],
+          stat(k "ratio64", "%.2f×"), (v_med(k "ratio64") <= 1.15) ? "(met)" : "(**missed**)",
+          stat(k "ratio1", "%.2f×"),
+          stat(k "a99", "%+d"), (v_med(k "a99") < 300) ? "(met)" : "(**missed**)"
       }
       print ""
       if (errs > 0) printf "**%d request errors during the runs** (see the .tsv and the warnings on stderr).\n\n", errs

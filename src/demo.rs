@@ -14,7 +14,11 @@ pub fn run(port: u16, admin_port: u16) -> Result<(), String> {
     std::thread::Builder::new()
         .name("mock-backend".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = tx.send(Err(e.to_string()));

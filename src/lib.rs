@@ -5,18 +5,21 @@
 //! - [`proxy`]: the Pingora wiring (request intake, routing, the upstream
 //!   loop and floodwall's own responses);
 //! - [`policy`]: one pure decision module per policy kind;
+//! - [`store`]: state shared across replicas (Redis);
 //! - [`telemetry`]: metrics and logs; [`admin`]: health, metrics, status;
 //! - [`reload`]: file watching and the atomic snapshot swap;
 //! - [`mock`]: the scriptable mock LLM backend used by tests, demo and benches.
 
 pub mod admin;
 pub mod config;
+pub mod demo;
 pub mod mock;
+pub mod policy;
 pub mod proxy;
-pub mod state;
-pub mod telemetry;
+pub mod reload;
 pub mod request;
 pub mod routing;
-pub mod demo;
-pub mod reload;
 pub mod server;
+pub mod state;
+pub mod store;
+pub mod telemetry;

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use floodwall::telemetry::logging::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "floodwall", version, about = "A resilience-policy reverse proxy for LLM backends, on Pingora.")]
+#[command(
+    name = "floodwall",
+    version,
+    about = "A resilience-policy reverse proxy for LLM backends, on Pingora."
+)]
 struct Cli {
     /// Log format: text or json.
     #[arg(long, global = true, default_value = "text")]
@@ -121,7 +125,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("floodwall mock: {e}");
@@ -144,7 +151,9 @@ fn probe(url: &str) -> Result<(), String> {
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
     use std::time::Duration;
-    let rest = url.strip_prefix("http://").ok_or("only http:// URLs are supported")?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs are supported")?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -155,7 +164,8 @@ fn probe(url: &str) -> Result<(), String> {
         .next()
         .ok_or_else(|| format!("{authority}: no address"))?;
     let t = Duration::from_secs(2);
-    let mut s = std::net::TcpStream::connect_timeout(&addr, t).map_err(|e| format!("{addr}: {e}"))?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, t).map_err(|e| format!("{addr}: {e}"))?;
     s.set_read_timeout(Some(t)).map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(t)).map_err(|e| e.to_string())?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").map_err(|e| e.to_string())?;

@@ -61,12 +61,18 @@ impl Reloader {
     pub fn reload(&self, force: bool) -> ReloadOutcome {
         let current = self.shared.snapshot();
         // Hash the bytes first: unchanged files and known-bad files are skipped.
-        let file_hash = std::fs::read(&self.path).ok().map(|b| config::sha256_hex(&b));
+        let file_hash = std::fs::read(&self.path)
+            .ok()
+            .map(|b| config::sha256_hex(&b));
         if !force {
             if file_hash.as_deref() == Some(current.source.hash.as_str()) {
                 return ReloadOutcome::Unchanged;
             }
-            let known_bad = self.last_failed.lock().map(|g| g.is_some() && *g == file_hash).unwrap_or(false);
+            let known_bad = self
+                .last_failed
+                .lock()
+                .map(|g| g.is_some() && *g == file_hash)
+                .unwrap_or(false);
             if known_bad {
                 return ReloadOutcome::Unchanged;
             }
@@ -86,7 +92,9 @@ impl Reloader {
                     current.source.hash
                 );
                 self.shared.metrics.config_reloaded(false, None);
-                return ReloadOutcome::Failed { errors: errors.0.len() };
+                return ReloadOutcome::Failed {
+                    errors: errors.0.len(),
+                };
             }
         };
         if !force && snapshot.source.hash == current.source.hash {
@@ -96,7 +104,11 @@ impl Reloader {
             warn!(target: "config", field, "changed in the policy file, but only takes effect after a restart");
         }
         let hash = snapshot.source.hash.clone();
-        match Active::try_build(snapshot) {
+        match Active::try_build_with(
+            snapshot,
+            &self.shared.resilience,
+            Some(&self.shared.admission),
+        ) {
             Ok(active) => {
                 self.remember_failure(None);
                 self.shared.config.store(Arc::new(active));
@@ -142,8 +154,15 @@ fn watch_dirs(path: &Path) -> Vec<PathBuf> {
 /// policy: the file itself, its symlink target, and Kubernetes' `..data`
 /// style entries (any name starting with `..`).
 fn watched_names(path: &Path) -> Vec<std::ffi::OsString> {
-    let mut names: Vec<std::ffi::OsString> = path.file_name().map(|n| n.to_os_string()).into_iter().collect();
-    if let Some(n) = std::fs::canonicalize(path).ok().and_then(|r| r.file_name().map(|n| n.to_os_string())) {
+    let mut names: Vec<std::ffi::OsString> = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .into_iter()
+        .collect();
+    if let Some(n) = std::fs::canonicalize(path)
+        .ok()
+        .and_then(|r| r.file_name().map(|n| n.to_os_string()))
+    {
         if !names.contains(&n) {
             names.push(n);
         }

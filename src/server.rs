@@ -63,10 +63,11 @@ pub fn resolve_ports(snapshot: &mut Snapshot) -> Result<(), String> {
 pub fn run_snapshot(snapshot: Snapshot, opts: RunOptions) -> Result<(), String> {
     let listen = snapshot.server.listen.clone();
     let admin_listen = snapshot.server.admin.listen.clone();
-    let threads = snapshot
-        .server
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let threads = snapshot.server.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
     let grace = snapshot.server.grace_period;
 
     let hash = snapshot.source.hash.clone();
@@ -138,7 +139,12 @@ fn accepts(addr: &str) -> bool {
 impl BackgroundService for Startup {
     async fn start(&self, _shutdown: ShutdownWatch) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let addrs: Vec<String> = self.listen.iter().chain(std::iter::once(&self.admin)).cloned().collect();
+        let addrs: Vec<String> = self
+            .listen
+            .iter()
+            .chain(std::iter::once(&self.admin))
+            .cloned()
+            .collect();
         loop {
             let a = addrs.clone();
             let all = tokio::task::spawn_blocking(move || a.iter().all(|x| accepts(x)))
@@ -153,13 +159,17 @@ impl BackgroundService for Startup {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.shared.health.listeners_bound.store(true, Ordering::Release);
+        self.shared
+            .health
+            .listeners_bound
+            .store(true, Ordering::Release);
         self.shared.health.started.store(true, Ordering::Release);
         info!(listen = ?self.listen, admin = %self.admin, "floodwall ready");
         if let Some(path) = &self.ready_file {
             let body = serde_json::json!({ "listen": self.listen, "admin": self.admin, "pid": std::process::id() });
             let tmp = path.with_extension("tmp");
-            let written = std::fs::write(&tmp, body.to_string()).and_then(|_| std::fs::rename(&tmp, path));
+            let written =
+                std::fs::write(&tmp, body.to_string()).and_then(|_| std::fs::rename(&tmp, path));
             if let Err(e) = written {
                 error!(file = %path.display(), "cannot write the ready file: {e}");
             }

@@ -5,15 +5,78 @@
 //! is one `ArcSwap<Snapshot>`: a request loads it once and keeps that `Arc`
 //! until it ends, so a reload never changes the rules under a running request.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
 use crate::config::Snapshot;
+use crate::policy::breaker::BreakerRegistry;
+use crate::policy::retry::RetryBudget;
 use crate::proxy::upstream::BackendRuntime;
+use crate::telemetry::resilience::ResilienceMetrics;
 use crate::telemetry::Metrics;
+
+/// Policy state that outlives a reload, keyed by policy name: circuit
+/// breakers (by backend and endpoint) and retry budgets (by route). An entry
+/// whose configuration did not change is reused by the next snapshot.
+pub struct Resilience {
+    pub breakers: BreakerRegistry,
+    budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
+    pub metrics: Arc<ResilienceMetrics>,
+}
+
+impl Resilience {
+    pub fn new(registry: &prometheus::Registry) -> Resilience {
+        // Fixed names and label sets: construction cannot fail (a unit test
+        // in telemetry renders them), so this is not reachable from input.
+        #[allow(clippy::expect_used)]
+        let metrics =
+            Arc::new(ResilienceMetrics::new().expect("resilience metric families are valid"));
+        if let Err(e) = metrics.register(registry) {
+            tracing::error!(error = %e, "cannot register the resilience metrics");
+        }
+        let hook_metrics = metrics.clone();
+        let breakers = BreakerRegistry::with_hook(Arc::new(move |key, _from, to| {
+            if let Ok(g) = hook_metrics
+                .circuit_state
+                .get_metric_with_label_values(&[key])
+            {
+                g.set(to.as_gauge());
+            }
+            ResilienceMetrics::inc(&hook_metrics.circuit_transitions, &[key, to.as_str()]);
+            tracing::warn!(
+                breaker = key,
+                state = to.as_str(),
+                "circuit breaker transition"
+            );
+        }));
+        Resilience {
+            breakers,
+            budgets: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// The retry budget of `route`, kept across reloads while its settings
+    /// are unchanged.
+    fn budget(&self, route: &crate::config::Route) -> Option<Arc<RetryBudget>> {
+        if !route.retry.enabled() {
+            return None;
+        }
+        let mut map = self.budgets.lock().ok()?;
+        if let Some(b) = map.get(&route.name) {
+            if b.config() == &route.retry.budget {
+                return Some(b.clone());
+            }
+        }
+        let b = Arc::new(RetryBudget::new(route.retry.budget.clone()));
+        map.insert(route.name.clone(), b.clone());
+        Some(b)
+    }
+}
 
 /// A compiled snapshot plus what the proxy derives from it once per load
 /// (upstream peers with their TLS settings, round-robin cursors). Swapped as
@@ -22,34 +85,82 @@ pub struct Active {
     pub snapshot: Arc<Snapshot>,
     /// Parallel to `snapshot.backends`.
     pub backends: Vec<BackendRuntime>,
+    /// Parallel to `snapshot.routes`: the route's retry budget, when it retries.
+    pub budgets: Vec<Option<Arc<RetryBudget>>>,
+    /// Concurrency limiters, queues, stream limits and backend pacers.
+    pub admission: crate::policy::concurrency::Admission,
 }
 
 impl Active {
     /// Build the runtime for a snapshot; fails when a backend's TLS material
     /// cannot be loaded (the reload is then refused).
-    pub fn try_build(snapshot: Snapshot) -> Result<Active, String> {
+    pub fn try_build(snapshot: Snapshot, resilience: &Resilience) -> Result<Active, String> {
+        Self::try_build_with(snapshot, resilience, None)
+    }
+
+    /// [`Active::try_build`] with the admission registry (limiters kept by name).
+    pub fn try_build_with(
+        snapshot: Snapshot,
+        resilience: &Resilience,
+        admission: Option<&crate::policy::concurrency::AdmissionRegistry>,
+    ) -> Result<Active, String> {
         let backends = snapshot
             .backends
             .iter()
-            .map(|b| BackendRuntime::build(b))
+            .map(|b| BackendRuntime::build(b).map(|r| r.with_breakers(b, &resilience.breakers)))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Active {
-            snapshot: Arc::new(snapshot),
-            backends,
-        })
+        Ok(Self::finish(snapshot, backends, resilience, admission))
     }
 
     /// Like [`Active::try_build`], but a backend whose TLS material cannot be
     /// loaded fails closed: its connections are refused with a clear error.
-    pub fn build(snapshot: Snapshot) -> Active {
+    pub fn build(snapshot: Snapshot, resilience: &Resilience) -> Active {
+        Self::build_with(snapshot, resilience, None)
+    }
+
+    pub fn build_with(
+        snapshot: Snapshot,
+        resilience: &Resilience,
+        admission: Option<&crate::policy::concurrency::AdmissionRegistry>,
+    ) -> Active {
         let backends = snapshot
             .backends
             .iter()
-            .map(|b| BackendRuntime::build(b).unwrap_or_else(|e| BackendRuntime::broken(b, e)))
+            .map(|b| {
+                BackendRuntime::build(b)
+                    .unwrap_or_else(|e| BackendRuntime::broken(b, e))
+                    .with_breakers(b, &resilience.breakers)
+            })
             .collect();
+        Self::finish(snapshot, backends, resilience, admission)
+    }
+
+    fn finish(
+        snapshot: Snapshot,
+        backends: Vec<BackendRuntime>,
+        resilience: &Resilience,
+        admission: Option<&crate::policy::concurrency::AdmissionRegistry>,
+    ) -> Active {
+        let admission = match admission {
+            Some(reg) => reg.load(&snapshot),
+            None => crate::policy::concurrency::AdmissionRegistry::new().load(&snapshot),
+        };
+        let budgets = snapshot
+            .routes
+            .iter()
+            .map(|r| resilience.budget(r))
+            .collect();
+        // Forget breakers no backend uses any more.
+        let keys: std::collections::HashSet<String> = backends
+            .iter()
+            .flat_map(|b| b.breaker_keys().map(str::to_string))
+            .collect();
+        resilience.breakers.retain(|k| keys.contains(k));
         Active {
             snapshot: Arc::new(snapshot),
             backends,
+            budgets,
+            admission,
         }
     }
 }
@@ -57,15 +168,54 @@ impl Active {
 pub struct Shared {
     pub config: ArcSwap<Active>,
     pub metrics: Metrics,
+    pub resilience: Resilience,
+    /// Rate-limit, token and cost counters (memory or Redis). Built once
+    /// from `store` at start-up: counters are keyed by rule name, so they
+    /// survive reloads; a change of `store` needs a restart.
+    pub limiter: crate::policy::ratelimit::Limiter,
+    pub limit_metrics: crate::telemetry::limits::LimitMetrics,
+    /// Concurrency limiters, queues, stream limits and pacers, kept by
+    /// route and backend name across reloads.
+    pub admission: crate::policy::concurrency::AdmissionRegistry,
+    pub admission_metrics: crate::telemetry::admission::AdmissionMetrics,
     pub health: Health,
     pub started_at: Instant,
 }
 
 impl Shared {
     pub fn new(snapshot: Snapshot, metrics: Metrics) -> Arc<Self> {
+        let resilience = Resilience::new(metrics.registry());
+        let limiter = match crate::policy::ratelimit::Limiter::from_config(snapshot.store.as_ref())
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the Redis store; limits are kept in memory");
+                crate::policy::ratelimit::Limiter::in_memory()
+            }
+        };
+        // Fixed names and label sets: construction cannot fail.
+        #[allow(clippy::expect_used)]
+        let limit_metrics =
+            crate::telemetry::limits::LimitMetrics::new().expect("limit metric families are valid");
+        if let Err(e) = limit_metrics.register(metrics.registry()) {
+            tracing::error!(error = %e, "cannot register the rate-limit metrics");
+        }
+        #[allow(clippy::expect_used)]
+        let admission_metrics = crate::telemetry::admission::AdmissionMetrics::new()
+            .expect("admission metric families are valid");
+        if let Err(e) = admission_metrics.register(metrics.registry()) {
+            tracing::error!(error = %e, "cannot register the admission metrics");
+        }
+        let admission = crate::policy::concurrency::AdmissionRegistry::new();
+        let active = Active::build_with(snapshot, &resilience, Some(&admission));
         let shared = Arc::new(Shared {
-            config: ArcSwap::from_pointee(Active::build(snapshot)),
+            config: ArcSwap::from_pointee(active),
             metrics,
+            resilience,
+            limiter,
+            limit_metrics,
+            admission,
+            admission_metrics,
             health: Health::default(),
             started_at: Instant::now(),
         });
@@ -76,6 +226,29 @@ impl Shared {
     /// The snapshot a new request should use.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.config.load().snapshot.clone()
+    }
+
+    /// Refresh the gauges that are read from the limiters (queue depth,
+    /// in-flight) just before `/metrics` is rendered.
+    pub fn refresh_gauges(&self) {
+        let active = self.config.load();
+        let m = &self.admission_metrics;
+        for (route, adm) in active.snapshot.routes.iter().zip(&active.admission.routes) {
+            if let Some(c) = &adm.concurrency {
+                let st = c.stats();
+                if let Ok(g) = m.in_flight.get_metric_with_label_values(&[&route.name]) {
+                    g.set(i64::from(st.in_flight));
+                }
+                for d in &st.queued {
+                    if let Ok(g) = m
+                        .queue_depth
+                        .get_metric_with_label_values(&[&route.name, &d.class])
+                    {
+                        g.set(d.depth as i64);
+                    }
+                }
+            }
+        }
     }
 
     /// The snapshot and its runtime, for the proxy.

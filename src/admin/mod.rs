@@ -25,6 +25,9 @@
 //! [`ServeHttp`] impl only extracts the request's method, path, query and
 //! `Authorization` header and turns the answer into a response.
 
+pub mod limits;
+pub mod sections;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -221,11 +224,14 @@ impl AdminApp {
         }
 
         match endpoint {
-            Endpoint::Metrics => AdminResponse::new(
-                StatusCode::OK,
-                TEXT_CONTENT_TYPE,
-                self.shared.metrics.render().into_bytes(),
-            ),
+            Endpoint::Metrics => {
+                self.shared.refresh_gauges();
+                AdminResponse::new(
+                    StatusCode::OK,
+                    TEXT_CONTENT_TYPE,
+                    self.shared.metrics.render().into_bytes(),
+                )
+            }
             Endpoint::Live => AdminResponse::json(StatusCode::OK, &json!({ "status": "alive" })),
             Endpoint::Ready => self.ready(&snapshot),
             Endpoint::Startup => {
@@ -468,6 +474,16 @@ impl ServeHttp for AdminApp {
         let req = session.req_header();
         let authorization = req.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes);
         let head_only = req.method == Method::HEAD;
+        if req.uri.path() == "/admin/limits" && (req.method == Method::GET || head_only) {
+            if let Some(expected) = self.shared.snapshot().server.admin.token.as_deref() {
+                if let Err(resp) = check_bearer(expected, authorization) {
+                    return resp.into_http(head_only);
+                }
+            }
+            let (status, body) = limits::render(&self.shared, req.uri.query()).await;
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            return AdminResponse::json(status, &body).into_http(head_only);
+        }
         self.handle(&req.method, req.uri.path(), req.uri.query(), authorization)
             .into_http(head_only)
     }
@@ -479,7 +495,11 @@ pub type AdminService = pingora::services::listening::Service<HttpServer<AdminAp
 /// The admin listener on TCP address `listen` (e.g. `127.0.0.1:9090`), with
 /// no extra status sections.
 pub fn admin_service(shared: Arc<Shared>, listen: &str) -> AdminService {
-    admin_service_with(AdminApp::new(shared), listen)
+    let mut app = AdminApp::new(shared.clone());
+    for section in sections::all(&shared) {
+        app = app.with_section(section);
+    }
+    admin_service_with(app, listen)
 }
 
 /// The admin listener for an [`AdminApp`] that already has its sections.
@@ -525,6 +545,8 @@ mod tests {
                 connect: Duration::from_secs(5),
                 response_headers: Duration::from_secs(60),
             },
+            circuit_breaker: None,
+            limits: None,
         });
         let route = Arc::new(Route {
             name: "chat".into(),
@@ -550,7 +572,14 @@ mod tests {
             timeouts: RouteTimeouts {
                 connect: None,
                 response_headers: Some(Duration::from_secs(120)),
+                ..RouteTimeouts::default()
             },
+            retry: Arc::new(crate::config::RetryPolicy::single_attempt()),
+            fallback: vec![],
+            fallback_on: Default::default(),
+            rate_limits: vec![],
+            concurrency: None,
+            streams: None,
         });
         Snapshot {
             version: 1,
@@ -571,6 +600,7 @@ mod tests {
                 max_connections: None,
                 trusted_proxies: vec![],
                 cors: None,
+                streams: Default::default(),
             },
             store: store.then(|| StoreConfig {
                 redis: RedisConfig {
@@ -583,6 +613,7 @@ mod tests {
             backends: vec![backend],
             backend_index: HashMap::from([("openai".to_owned(), 0)]),
             routes: vec![route],
+            limits: Default::default(),
         }
     }
 
@@ -753,9 +784,8 @@ mod tests {
             get(&app, "/admin/status", Some("Bearer old")).status,
             StatusCode::OK
         );
-        app.shared
-            .config
-            .store(Arc::new(Active::build(snapshot(Some("new"), false))));
+        let next = Active::build(snapshot(Some("new"), false), &app.shared.resilience);
+        app.shared.config.store(Arc::new(next));
         assert_eq!(
             get(&app, "/admin/status", Some("Bearer old")).status,
             StatusCode::UNAUTHORIZED

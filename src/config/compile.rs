@@ -38,23 +38,20 @@ pub type Env<'e> = &'e dyn Fn(&str) -> Option<String>;
 /// any route.
 pub const NOT_SUPPORTED_YET: PlannedTable = &[
     ("server", "max_connections"),
-    ("", "identity"),
-    ("", "prices"),
-    ("", "rate_limits"),
-    ("backends.*", "limits"),
-    ("backends.*", "circuit_breaker"),
-    ("routes[]", "fallback"),
-    ("routes[]", "retry"),
-    ("routes[]", "rate_limits"),
-    ("routes[]", "concurrency"),
-    ("routes[]", "streams"),
     ("routes[]", "cache"),
-    ("routes[].timeouts", "total"),
-    ("routes[].timeouts", "first_token"),
-    ("routes[].timeouts", "idle"),
+    ("routes[].fallback[]", "stale_cache"),
 ];
 
-const ROOT_FIELDS: &[&str] = &["version", "server", "store", "backends", "routes"];
+const ROOT_FIELDS: &[&str] = &[
+    "version",
+    "server",
+    "store",
+    "identity",
+    "prices",
+    "rate_limits",
+    "backends",
+    "routes",
+];
 const SERVER_FIELDS: &[&str] = &[
     "listen",
     "admin",
@@ -62,6 +59,7 @@ const SERVER_FIELDS: &[&str] = &[
     "grace_period",
     "trusted_proxies",
     "cors",
+    "streams",
 ];
 const ADMIN_FIELDS: &[&str] = &["listen", "token_env"];
 const CORS_FIELDS: &[&str] = &[
@@ -80,7 +78,14 @@ const REDIS_FIELDS: &[&str] = &[
     "timeout",
     "expected_replicas",
 ];
-const BACKEND_FIELDS: &[&str] = &["endpoints", "host", "tls", "timeouts"];
+const BACKEND_FIELDS: &[&str] = &[
+    "endpoints",
+    "host",
+    "tls",
+    "timeouts",
+    "circuit_breaker",
+    "limits",
+];
 const TLS_FIELDS: &[&str] = &["ca_file", "verify"];
 const TIMEOUT_FIELDS: &[&str] = &["connect", "response_headers"];
 const ROUTE_FIELDS: &[&str] = &[
@@ -91,6 +96,12 @@ const ROUTE_FIELDS: &[&str] = &[
     "backend",
     "request",
     "timeouts",
+    "retry",
+    "fallback",
+    "fallback_on",
+    "rate_limits",
+    "concurrency",
+    "streams",
 ];
 const MATCH_FIELDS: &[&str] = &["path", "path_prefix", "methods", "host", "header"];
 const REWRITE_FIELDS: &[&str] = &["strip_prefix"];
@@ -187,6 +198,7 @@ pub fn compile(root: &Node, ctx: &Ctx, env: Env<'_>, source: SourceInfo) -> Opti
         .require("routes")
         .map(|v| routes(&v, &backend_names))
         .unwrap_or_default();
+    let limits = super::limits::compile(&mut top, env, &routes);
     drop(top);
 
     if ctx.has_errors() {
@@ -207,6 +219,7 @@ pub fn compile(root: &Node, ctx: &Ctx, env: Env<'_>, source: SourceInfo) -> Opti
         backends,
         backend_index,
         routes,
+        limits,
     })
 }
 
@@ -242,6 +255,7 @@ fn default_server() -> ServerConfig {
         max_connections: None,
         trusted_proxies: default_trusted_proxies(),
         cors: None,
+        streams: Default::default(),
     }
 }
 
@@ -290,6 +304,10 @@ fn server(v: &Value<'_>, env: Env<'_>) -> ServerConfig {
         }
     }
     config.cors = m.get("cors").map(|v| cors(&v));
+    config.streams = m
+        .get("streams")
+        .map(|v| super::admission::server_streams(&v))
+        .unwrap_or_default();
     config
 }
 
@@ -496,7 +514,7 @@ fn is_redis_url(text: &str) -> bool {
 }
 
 /// Reads a `*_env` field: the name of an environment variable.
-fn env_var_name(v: &Value<'_>) -> Option<String> {
+pub(super) fn env_var_name(v: &Value<'_>) -> Option<String> {
     v.parse_with("an environment variable name", |s| {
         let ok = s
             .chars()
@@ -515,7 +533,7 @@ fn env_var_name(v: &Value<'_>) -> Option<String> {
 
 // ---------------------------------------------------------------- backends
 
-fn is_name(s: &str) -> bool {
+pub(super) fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
@@ -562,6 +580,8 @@ fn backend(name: &str, v: &Value<'_>) -> Backend {
             connect: DEFAULT_CONNECT_TIMEOUT,
             response_headers: DEFAULT_RESPONSE_HEADERS_TIMEOUT,
         },
+        circuit_breaker: None,
+        limits: None,
     };
     let Some(mut m) = v.map(BACKEND_FIELDS) else {
         return backend;
@@ -603,12 +623,18 @@ fn backend(name: &str, v: &Value<'_>) -> Backend {
                 .unwrap_or(DEFAULT_RESPONSE_HEADERS_TIMEOUT);
         }
     }
+    backend.circuit_breaker = m
+        .get("circuit_breaker")
+        .map(|v| Arc::new(super::resilience::circuit_breaker(&v)));
+    backend.limits = m
+        .get("limits")
+        .map(|v| Arc::new(super::admission::backend_limits(&v)));
     backend
 }
 
 /// A file that exists and can be opened for reading (relative paths are
 /// relative to floodwall's working directory).
-fn check_readable_file(path: &str) -> Result<PathBuf, String> {
+pub(super) fn check_readable_file(path: &str) -> Result<PathBuf, String> {
     if path.trim().is_empty() {
         return Err("must not be empty".to_string());
     }
@@ -674,13 +700,21 @@ fn route(m: &mut Map<'_>, name: String, backend_names: &[String]) -> Route {
         Some(v) => request(&v),
         None => default_request(),
     };
-    let mut timeouts = RouteTimeouts::default();
-    if let Some(v) = m.get("timeouts") {
-        if let Some(mut t) = v.map(TIMEOUT_FIELDS) {
-            timeouts.connect = t.duration_in("connect", MS..=10 * MINUTE);
-            timeouts.response_headers = t.duration_in("response_headers", MS..=DAY);
-        }
-    }
+    let timeouts = m
+        .get("timeouts")
+        .map(|v| super::resilience::route_timeouts(&v))
+        .unwrap_or_default();
+    let retry = m
+        .get("retry")
+        .map_or_else(RetryPolicy::single_attempt, |v| {
+            super::resilience::retry(&v)
+        });
+    let fallback_value = m.get("fallback");
+    let fallback = fallback_value
+        .as_ref()
+        .map(|v| super::resilience::fallback(v, &backend_name, backend_names))
+        .unwrap_or_default();
+    let fallback_on = super::resilience::fallback_on(m.get("fallback_on"), fallback_value.as_ref());
     Route {
         name,
         matcher,
@@ -690,10 +724,23 @@ fn route(m: &mut Map<'_>, name: String, backend_names: &[String]) -> Route {
         backend_name,
         request,
         timeouts,
+        retry: Arc::new(retry),
+        fallback,
+        fallback_on,
+        rate_limits: m
+            .get("rate_limits")
+            .map(|v| super::limits::route_rules(&v))
+            .unwrap_or_default(),
+        concurrency: m
+            .get("concurrency")
+            .map(|v| Arc::new(super::admission::concurrency(&v))),
+        streams: m
+            .get("streams")
+            .map(|v| Arc::new(super::admission::streams(&v))),
     }
 }
 
-fn backend_ref(v: &Value<'_>, backend_names: &[String]) -> (usize, String) {
+pub(super) fn backend_ref(v: &Value<'_>, backend_names: &[String]) -> (usize, String) {
     let Some(name) = v.str() else {
         return (0, String::new());
     };
@@ -823,7 +870,7 @@ fn method(v: &Value<'_>) -> Option<http::Method> {
     }
 }
 
-fn header_name(v: &Value<'_>) -> Option<String> {
+pub(super) fn header_name(v: &Value<'_>) -> Option<String> {
     let text = v.str()?;
     let name = text.to_ascii_lowercase();
     if http::HeaderName::from_bytes(name.as_bytes()).is_err() {

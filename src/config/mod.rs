@@ -16,10 +16,13 @@
 //! [`restart_required`] tells the reloader which changed settings cannot be
 //! applied live.
 
+pub mod admission;
 pub mod compile;
 pub mod decode;
+pub mod limits;
 pub mod model;
 pub mod net;
+pub mod resilience;
 pub mod units;
 pub mod yaml;
 
@@ -115,7 +118,10 @@ pub fn load_file(path: &Path) -> Result<Snapshot, ConfigErrors> {
 }
 
 /// [`load_file`] with an injected environment lookup.
-pub fn load_file_with_env(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Snapshot, ConfigErrors> {
+pub fn load_file_with_env(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Snapshot, ConfigErrors> {
     let label = path.display().to_string();
     let file_error = |message: String| ConfigError {
         file: label.clone(),
@@ -200,11 +206,14 @@ pub fn check_files(paths: &[PathBuf]) -> bool {
         // (`run` refuses to start without it).
         let unset = std::cell::RefCell::new(Vec::<String>::new());
         let env = |name: &str| {
-            std::env::var(name).ok().filter(|v| !v.is_empty()).or_else(|| {
-                unset.borrow_mut().push(name.to_string());
-                // Valid wherever a secret may stand (a token, a redis:// URL).
-                Some("redis://env-unset.invalid:6379/0".to_string())
-            })
+            std::env::var(name)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .or_else(|| {
+                    unset.borrow_mut().push(name.to_string());
+                    // Valid wherever a secret may stand (a token, a redis:// URL).
+                    Some("redis://env-unset.invalid:6379/0".to_string())
+                })
         };
         let result = load_file_with_env(path, &env);
         for name in unset.borrow().iter() {

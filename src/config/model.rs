@@ -11,6 +11,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+pub use crate::policy::breaker::BreakerConfig;
+pub use crate::policy::concurrency::{CallLimits, ConcurrencyConfig, PriorityConfig, QueueConfig};
+pub use crate::policy::retry::RetryPolicy;
+pub use crate::policy::streams::{ServerStreamsConfig, StreamsConfig};
+
+pub use super::limits::{LimitsConfig, RateLimitRule};
+
 /// One compiled policy file.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -24,6 +31,8 @@ pub struct Snapshot {
     pub backend_index: HashMap<String, usize>,
     /// Routes in file order: the first match wins.
     pub routes: Vec<Arc<Route>>,
+    /// `identity`, `prices` and every rate-limit rule (see `limits.rs`).
+    pub limits: LimitsConfig,
 }
 
 /// Where a snapshot came from, for `/admin/status` and logs.
@@ -50,6 +59,8 @@ pub struct ServerConfig {
     /// Peers whose `X-Forwarded-For` and identity headers are believed (default: loopback).
     pub trusted_proxies: Vec<Cidr>,
     pub cors: Option<CorsConfig>,
+    /// `server.streams`: the instance-wide stream cap (see `admission.rs`).
+    pub streams: ServerStreamsConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -92,12 +103,20 @@ impl Cidr {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 let bits = u32::from(self.prefix.min(32));
-                let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
                 let bits = u32::from(self.prefix.min(128));
-                let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - bits)
+                };
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -130,6 +149,10 @@ pub struct Backend {
     pub host: Option<String>,
     pub tls: TlsConfig,
     pub timeouts: BackendTimeouts,
+    /// `circuit_breaker`; `None` = no breaker.
+    pub circuit_breaker: Option<Arc<BreakerConfig>>,
+    /// `limits`: outgoing-call limits; `None` = unlimited.
+    pub limits: Option<Arc<CallLimits>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +201,19 @@ pub struct Route {
     pub request: RequestPolicy,
     /// Per-route overrides of the backend's timeouts.
     pub timeouts: RouteTimeouts,
+    /// `retry`; a single attempt when the section is absent.
+    pub retry: Arc<RetryPolicy>,
+    /// `fallback`: tried in order once the primary is given up on.
+    pub fallback: Vec<FallbackTarget>,
+    /// `fallback_on`: when `fallback` is used.
+    pub fallback_on: FallbackOn,
+    /// The route's own `rate_limits` (top-level rules that apply are in
+    /// `Snapshot::limits.rules_for`).
+    pub rate_limits: Vec<Arc<RateLimitRule>>,
+    /// `concurrency`: in-flight caps and the admission queue.
+    pub concurrency: Option<Arc<ConcurrencyConfig>>,
+    /// `streams`: stream caps and `max_duration`.
+    pub streams: Option<Arc<StreamsConfig>>,
 }
 
 #[derive(Debug, Clone)]
@@ -245,6 +281,56 @@ pub enum FieldFormat {
 pub struct RouteTimeouts {
     pub connect: Option<Duration>,
     pub response_headers: Option<Duration>,
+    /// Deadline for an answer: every attempt, back-off and fallback.
+    pub total: Option<Duration>,
+    /// Until the first SSE data event, per attempt.
+    pub first_token: Option<Duration>,
+    /// Longest gap between chunks of a response body.
+    pub idle: Option<Duration>,
+    /// Hold the response header until the first SSE data event, so a
+    /// retry or fallback stays invisible to the client until then. Default:
+    /// true when `first_token` is set (it requires `first_token`).
+    pub hold_for_first_token: bool,
+}
+
+/// One entry of `routes[].fallback`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FallbackTarget {
+    /// Another backend (index into `Snapshot::backends`), optionally with
+    /// the request body's `model` rewritten.
+    Backend {
+        backend: usize,
+        name: String,
+        model: Option<String>,
+    },
+    /// An expired cache entry, if there is one (planned with the cache: a
+    /// policy cannot produce it yet).
+    StaleCache,
+    /// A static answer.
+    Respond {
+        status: u16,
+        body: serde_json::Value,
+    },
+}
+
+/// `routes[].fallback_on`: the conditions that send a request to the
+/// fallback targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FallbackOn {
+    /// The primary backend's breaker (or every endpoint's) is open.
+    pub circuit_open: bool,
+    /// Retries ended on a retryable failure (attempts, budget, deadline or
+    /// a `Retry-After` above `max_retry_after`), never on a non-retryable 4xx.
+    pub retries_exhausted: bool,
+}
+
+impl Default for FallbackOn {
+    fn default() -> Self {
+        FallbackOn {
+            circuit_open: true,
+            retries_exhausted: true,
+        }
+    }
 }
 
 impl Snapshot {

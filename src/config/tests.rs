@@ -9,6 +9,7 @@ fn env(name: &str) -> Option<String> {
     match name {
         "FLOODWALL_ADMIN_TOKEN" => Some("s3cret".to_string()),
         "REDIS_URL" => Some("redis://:pw@redis.internal:6379/0".to_string()),
+        "COPILOT_JWT_SECRET" => Some("an-hs256-secret-of-32-bytes-long".to_string()),
         "NOT_A_URL" => Some("http://example.com".to_string()),
         _ => None,
     }
@@ -236,12 +237,17 @@ fn unknown_fields_suggest_the_closest_name() {
         "    backend: local\n",
         "    backend: local\n    websockte: true\n    zzz: 1\n",
     );
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
     assert_eq!(
-        errors(&text),
-        [
-            "p.yaml:9:5 routes[0].websockte: unknown field `websockte`; did you mean `websocket`?",
-            "p.yaml:10:5 routes[0].zzz: unknown field `zzz`; expected one of `name`, `match`, `rewrite`, `websocket`, `backend`, `request`, `timeouts`",
-        ]
+        errs[0],
+        "p.yaml:9:5 routes[0].websockte: unknown field `websockte`; did you mean `websocket`?"
+    );
+    // The list of route fields grows with each feature; its start is enough.
+    assert!(
+        errs[1].starts_with("p.yaml:10:5 routes[0].zzz: unknown field `zzz`; expected one of `name`, `match`, `rewrite`, `websocket`, `backend`, `request`, `timeouts`"),
+        "{}",
+        errs[1]
     );
     let typo = MINIMAL.replace("path_prefix", "path_prefx");
     assert_eq!(errors(&typo), ["p.yaml:7:14 routes[0].match.path_prefx: unknown field `path_prefx`; did you mean `path_prefix`?"]);
@@ -267,43 +273,21 @@ fn planned_fields_are_rejected_not_ignored() {
     let text = "\
 version: 1
 server: { max_connections: 8000 }
-identity: { user: [{ header: x-user-id }] }
-prices: {}
-rate_limits: []
 backends:
   local:
     endpoints: [\"http://127.0.0.1:8000\"]
-    limits: { max_in_flight: 20 }
-    circuit_breaker: { window: 10s }
 routes:
   - name: all
     match: { path_prefix: / }
     backend: local
-    fallback: []
-    retry: { attempts: 3 }
-    rate_limits: []
-    concurrency: {}
-    streams: {}
+    fallback: [{ stale_cache: true }]
     cache: {}
-    timeouts: { total: 120s, first_token: 15s, idle: 30s, connect: 1s }
 ";
     let errs = errors(text);
     let expected_paths = [
         "server.max_connections",
-        "identity",
-        "prices",
-        "rate_limits",
-        "backends.local.limits",
-        "backends.local.circuit_breaker",
-        "routes[0].fallback",
-        "routes[0].retry",
-        "routes[0].rate_limits",
-        "routes[0].concurrency",
-        "routes[0].streams",
+        "routes[0].fallback[0].stale_cache",
         "routes[0].cache",
-        "routes[0].timeouts.total",
-        "routes[0].timeouts.first_token",
-        "routes[0].timeouts.idle",
     ];
     assert_eq!(errs.len(), expected_paths.len(), "{errs:#?}");
     for (err, path) in errs.iter().zip(expected_paths) {
@@ -762,7 +746,8 @@ mod team_examples_hold_their_numbers {
     /// Compiles `examples/<name>.yaml`, with every `*_env` variable set.
     fn example(name: &str) -> Snapshot {
         let path = root().join("examples").join(format!("{name}.yaml"));
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let label = format!("examples/{name}.yaml");
         compile_str_with_env(&text, &label, &|_| Some("redis://127.0.0.1:6379/0".into()))
             .unwrap_or_else(|e| panic!("{e}"))
@@ -826,11 +811,21 @@ mod team_examples_hold_their_numbers {
             ("rag-distllm", "/rag-distllm"),
             ("rag", "/rag"),
         ] {
-            assert_eq!(prefix(route(&snap, name)), path, "docs/teams.md rc-01: route `{name}`");
+            assert_eq!(
+                prefix(route(&snap, name)),
+                path,
+                "docs/teams.md rc-01: route `{name}`"
+            );
         }
         let at = |n: &str| names.iter().position(|x| *x == n).unwrap();
-        assert!(at("copilot-agent") < at("copilot"), "docs/teams.md rc-01: /copilot-agent before /copilot");
-        assert!(at("rag-distllm") < at("rag"), "docs/teams.md rc-01: /rag-distllm before /rag");
+        assert!(
+            at("copilot-agent") < at("copilot"),
+            "docs/teams.md rc-01: /copilot-agent before /copilot"
+        );
+        assert!(
+            at("rag-distllm") < at("rag"),
+            "docs/teams.md rc-01: /rag-distllm before /rag"
+        );
 
         assert_eq!(
             cidrs(&snap),
@@ -854,7 +849,10 @@ mod team_examples_hold_their_numbers {
             ("rc-46", "mcp-tools", "mcp-tools", 20),
         ] {
             let r = route(&snap, route_name);
-            assert_eq!(r.backend_name, backend_name, "docs/teams.md {row}: route `{route_name}`");
+            assert_eq!(
+                r.backend_name, backend_name,
+                "docs/teams.md {row}: route `{route_name}`"
+            );
             assert_eq!(
                 backend(&snap, backend_name).timeouts.response_headers,
                 Duration::from_secs(secs),
@@ -873,7 +871,11 @@ mod team_examples_hold_their_numbers {
 
         for name in ["copilot-agent", "copilot", "chat", "rag-distllm", "rag"] {
             let query = field(route(&snap, name), "query");
-            assert_eq!(query.max_chars, Some(10_000), "docs/teams.md rc-80: `{name}` query <= 10,000 chars");
+            assert_eq!(
+                query.max_chars,
+                Some(10_000),
+                "docs/teams.md rc-80: `{name}` query <= 10,000 chars"
+            );
         }
         for name in ["copilot-agent", "copilot", "chat", "llm-egress"] {
             assert_eq!(
@@ -884,7 +886,11 @@ mod team_examples_hold_their_numbers {
         }
         for name in ["copilot-agent", "copilot"] {
             let r = route(&snap, name);
-            assert_eq!(field(r, "image").max_bytes, Some(10 * MIB), "docs/teams.md rc-83: `{name}` image <= 10 MiB");
+            assert_eq!(
+                field(r, "image").max_bytes,
+                Some(10 * MIB),
+                "docs/teams.md rc-83: `{name}` image <= 10 MiB"
+            );
             assert!(
                 r.request.max_body > 10 * MIB,
                 "docs/teams.md rc-83: `{name}` max_body leaves room for the image and the rest"
@@ -892,7 +898,10 @@ mod team_examples_hold_their_numbers {
         }
 
         let admin = &snap.server.admin;
-        assert_eq!(admin.listen, "0.0.0.0:9090", "docs/teams.md rc-85/rc-86/rc-89: probes reachable by the kubelet");
+        assert_eq!(
+            admin.listen, "0.0.0.0:9090",
+            "docs/teams.md rc-85/rc-86/rc-89: probes reachable by the kubelet"
+        );
         assert_eq!(
             admin.token_env.as_deref(),
             Some("FLOODWALL_ADMIN_TOKEN"),
@@ -905,7 +914,10 @@ mod team_examples_hold_their_numbers {
         let snap = example("agent-chat");
 
         let ws = route(&snap, "chat-ws");
-        assert!(ws.websocket, "docs/teams.md ac-06: WebSocket chats pass through");
+        assert!(
+            ws.websocket,
+            "docs/teams.md ac-06: WebSocket chats pass through"
+        );
         assert_eq!(prefix(ws), "/ws/", "docs/teams.md ac-06");
 
         let tools = route(&snap, "tools");
@@ -923,11 +935,23 @@ mod team_examples_hold_their_numbers {
         );
 
         let chat = route(&snap, "chat");
-        assert_eq!(chat.request.json, JsonMode::Required, "docs/teams.md ac-16: chat bodies are JSON");
+        assert_eq!(
+            chat.request.json,
+            JsonMode::Required,
+            "docs/teams.md ac-16: chat bodies are JSON"
+        );
         let message = field(chat, "message");
         assert!(message.required, "docs/teams.md ac-16: message required");
-        assert_eq!(message.min_chars, Some(1), "docs/teams.md ac-16: message >= 1 char");
-        assert_eq!(message.max_chars, Some(4000), "docs/teams.md ac-16: message <= 4,000 chars (placeholder)");
+        assert_eq!(
+            message.min_chars,
+            Some(1),
+            "docs/teams.md ac-16: message >= 1 char"
+        );
+        assert_eq!(
+            message.max_chars,
+            Some(4000),
+            "docs/teams.md ac-16: message <= 4,000 chars (placeholder)"
+        );
 
         assert_eq!(
             snap.server.admin.token_env.as_deref(),
@@ -941,11 +965,25 @@ mod team_examples_hold_their_numbers {
         let snap = example("maintenance-ops");
 
         let admin = &snap.server.admin;
-        assert_eq!(admin.listen, "0.0.0.0:9090", "docs/teams.md mo-07/mo-08/mo-15: probes reachable by the kubelet");
-        assert!(admin.token_env.is_some(), "docs/teams.md mo-15: /admin/* needs a token on 0.0.0.0");
+        assert_eq!(
+            admin.listen, "0.0.0.0:9090",
+            "docs/teams.md mo-07/mo-08/mo-15: probes reachable by the kubelet"
+        );
+        assert!(
+            admin.token_env.is_some(),
+            "docs/teams.md mo-15: /admin/* needs a token on 0.0.0.0"
+        );
 
-        let cors = snap.server.cors.as_ref().expect("docs/teams.md mo-13: CORS configured");
-        assert_eq!(cors.allow_origins, ["https://ops.example.com"], "docs/teams.md mo-13: the browser front end");
+        let cors = snap
+            .server
+            .cors
+            .as_ref()
+            .expect("docs/teams.md mo-13: CORS configured");
+        assert_eq!(
+            cors.allow_origins,
+            ["https://ops.example.com"],
+            "docs/teams.md mo-13: the browser front end"
+        );
         assert!(
             cors.allow_headers.iter().any(|h| h == "x-request-id"),
             "docs/teams.md mo-12: the browser may send X-Request-ID"
@@ -955,14 +993,30 @@ mod team_examples_hold_their_numbers {
             "docs/teams.md mo-12: the browser may read X-Request-ID"
         );
 
-        assert_eq!(cidrs(&snap), ["10.0.0.0/8"], "docs/teams.md mo-18: client IP believed only from the ingress");
+        assert_eq!(
+            cidrs(&snap),
+            ["10.0.0.0/8"],
+            "docs/teams.md mo-18: client IP believed only from the ingress"
+        );
 
         let agents = route(&snap, "agents");
-        assert_eq!(agents.request.json, JsonMode::Required, "docs/teams.md mo-20: agent bodies are JSON");
+        assert_eq!(
+            agents.request.json,
+            JsonMode::Required,
+            "docs/teams.md mo-20: agent bodies are JSON"
+        );
         let prompt = field(agents, "prompt");
         assert!(prompt.required, "docs/teams.md mo-20: prompt required");
-        assert_eq!(prompt.min_chars, Some(1), "docs/teams.md mo-20: prompt >= 1 char");
-        assert_eq!(prompt.max_chars, Some(10_000), "docs/teams.md mo-20: prompt <= 10,000 chars");
+        assert_eq!(
+            prompt.min_chars,
+            Some(1),
+            "docs/teams.md mo-20: prompt >= 1 char"
+        );
+        assert_eq!(
+            prompt.max_chars,
+            Some(10_000),
+            "docs/teams.md mo-20: prompt <= 10,000 chars"
+        );
         assert_eq!(
             field(agents, "sessionId").format,
             Some(FieldFormat::Uuid),
@@ -970,14 +1024,24 @@ mod team_examples_hold_their_numbers {
         );
 
         // Held today, used once shared limits land (planned, issue 3).
-        let redis = &snap.store.as_ref().expect("docs/teams.md mo-02: store.redis").redis;
-        assert_eq!(redis.expected_replicas, 2, "docs/teams.md mo-02: the HPA minimum");
+        let redis = &snap
+            .store
+            .as_ref()
+            .expect("docs/teams.md mo-02: store.redis")
+            .redis;
+        assert_eq!(
+            redis.expected_replicas, 2,
+            "docs/teams.md mo-02: the HPA minimum"
+        );
     }
 
     #[test]
     fn research_citation() {
         let snap = example("research-citation");
-        for (name, strip, backend_name) in [("openai", "/openai", "openai"), ("anthropic", "/anthropic", "anthropic")] {
+        for (name, strip, backend_name) in [
+            ("openai", "/openai", "openai"),
+            ("anthropic", "/anthropic", "anthropic"),
+        ] {
             let r = route(&snap, name);
             assert_eq!(
                 r.rewrite.as_ref().and_then(|w| w.strip_prefix.as_deref()),
@@ -989,14 +1053,22 @@ mod team_examples_hold_their_numbers {
                 "docs/teams.md ci-18/ci-19: one backend per provider, so latency and errors are per provider"
             );
         }
-        assert_eq!(snap.backends.len(), 2, "docs/teams.md ci-18/ci-19: one backend per provider");
+        assert_eq!(
+            snap.backends.len(),
+            2,
+            "docs/teams.md ci-18/ci-19: one backend per provider"
+        );
     }
 
     #[test]
     fn notes_assistant() {
         let snap = example("notes-assistant");
         let query = route(&snap, "query");
-        assert_eq!(prefix(query), "/query", "docs/teams.md na-27: concurrent queries counted on route `query`");
+        assert_eq!(
+            prefix(query),
+            "/query",
+            "docs/teams.md na-27: concurrent queries counted on route `query`"
+        );
         assert_eq!(query.backend_name, "notes-api", "docs/teams.md na-27");
         let hf = route(&snap, "hf-egress");
         assert_eq!(
@@ -1006,18 +1078,211 @@ mod team_examples_hold_their_numbers {
         );
     }
 
+    /// The rule named `name` that applies to route `route` (top-level or the route's own).
+    fn rule<'a>(
+        snap: &'a Snapshot,
+        route: &str,
+        name: &str,
+    ) -> &'a crate::config::limits::RateLimitRule {
+        let i = snap
+            .routes
+            .iter()
+            .position(|r| r.name == route)
+            .unwrap_or_else(|| panic!("no route `{route}`"));
+        snap.limits
+            .rules_for(i)
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("route `{route}`: no rule `{name}`"))
+    }
+
+    /// A rule's request windows as (limit, per in seconds).
+    fn requests(windows: &[crate::config::limits::Window]) -> Vec<(u64, u64)> {
+        windows
+            .iter()
+            .filter_map(|w| match w {
+                crate::config::limits::Window::Requests { limit, per, .. } => {
+                    Some((*limit, per.as_secs()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn research_copilot_limits() {
+        use crate::config::limits::{KeyPart, OnStoreError, TierFrom, UserSource};
+        const H: u64 = 3600;
+        let snap = example("research-copilot");
+        assert!(
+            matches!(snap.limits.identity.user.as_slice(), [UserSource::Jwt(j)] if j.claim == "sub"),
+            "docs/teams.md fw-04: the user is the token's `sub`"
+        );
+        assert_eq!(
+            snap.limits.identity.tier.from,
+            TierFrom::JwtClaim("tier".into()),
+            "docs/teams.md rc-21"
+        );
+        assert_eq!(
+            snap.limits.identity.tier.default, "free",
+            "docs/teams.md rc-21"
+        );
+        // (action, routes, base per hour, free, premium, admin): rc-05..rc-07, rc-12..rc-20.
+        for (name, routes, base, free, premium, admin) in [
+            ("agent-per-user", &["copilot-agent"][..], 20, 10, 50, 1000),
+            (
+                "chat-per-user",
+                &["copilot", "chat"][..],
+                100,
+                50,
+                200,
+                1000,
+            ),
+            (
+                "rag-per-user",
+                &["rag-distllm", "rag"][..],
+                50,
+                20,
+                100,
+                1000,
+            ),
+        ] {
+            for route in routes {
+                let r = rule(&snap, route, name);
+                assert_eq!(
+                    r.key,
+                    [KeyPart::User],
+                    "docs/teams.md rc-05..rc-07: `{name}` per user"
+                );
+                assert!(r.require_identity, "`{name}`");
+                assert_eq!(
+                    requests(&r.limits),
+                    [(base, H)],
+                    "docs/teams.md rc-05..rc-07: `{name}` on `{route}`"
+                );
+                for (tier, n) in [("free", free), ("premium", premium), ("admin", admin)] {
+                    assert_eq!(
+                        requests(r.windows_for(tier).unwrap_or(&[])),
+                        [(n, H)],
+                        "docs/teams.md rc-12..rc-20: `{name}` tier {tier}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            requests(&rule(&snap, "sessions", "session-create").limits),
+            [(50, 86_400)],
+            "docs/teams.md rc-08"
+        );
+        assert_eq!(
+            requests(&rule(&snap, "messages", "message-create").limits),
+            [(500, 86_400)],
+            "docs/teams.md rc-09"
+        );
+        for route in [
+            "copilot-agent",
+            "copilot",
+            "chat",
+            "rag-distllm",
+            "rag",
+            "sessions",
+            "messages",
+            "api",
+        ] {
+            let r = rule(&snap, route, "per-ip");
+            assert_eq!(r.key, [KeyPart::Ip], "docs/teams.md rc-10");
+            assert_eq!(
+                requests(&r.limits),
+                [(100, 900)],
+                "docs/teams.md rc-10: per IP 100 per 15 minutes on `{route}`"
+            );
+            assert!(!r.require_identity, "docs/teams.md rc-10: before auth");
+        }
+        for route in ["embeddings", "llm-egress", "mcp-tools"] {
+            let i = snap.routes.iter().position(|r| r.name == route).unwrap();
+            assert!(
+                snap.limits.rules_for(i).is_empty(),
+                "egress route `{route}` is not limited per IP"
+            );
+        }
+        assert!(
+            snap.limits
+                .all_rules()
+                .all(|r| r.on_store_error == OnStoreError::Local),
+            "Redis down: half per replica"
+        );
+    }
+
+    #[test]
+    fn notes_assistant_limits() {
+        use crate::config::limits::{KeyPart, OnStoreError, Window};
+        let snap = example("notes-assistant");
+        let per_user = rule(&snap, "query", "per-user");
+        assert_eq!(per_user.key, [KeyPart::User]);
+        assert_eq!(
+            requests(&per_user.limits),
+            [(10, 60), (100, 3600), (500, 86_400)],
+            "docs/teams.md na-02..na-05: 10/min, 100/hour and 500/day in one rule"
+        );
+        let global = rule(&snap, "query", "global");
+        assert_eq!(global.key, [KeyPart::Global]);
+        assert_eq!(
+            requests(&global.limits),
+            [(1000, 3600)],
+            "docs/teams.md na-07"
+        );
+        for (name, key, usd) in [
+            ("spend-user", KeyPart::User, 5),
+            ("spend-total", KeyPart::Global, 100),
+        ] {
+            let r = rule(&snap, "hf-egress", name);
+            assert_eq!(r.key, [key], "docs/teams.md na-08/na-09: `{name}`");
+            assert!(
+                matches!(r.limits[..], [Window::Cost { nanos, period: crate::config::limits::CostPeriod::Day }] if nanos == usd * 1_000_000_000),
+                "docs/teams.md na-08/na-09: `{name}` ${usd}/day"
+            );
+        }
+        assert!(
+            snap.limits.prices.get("any-model").is_some(),
+            "docs/teams.md na-10: every model is priced"
+        );
+        for r in snap.limits.all_rules() {
+            assert_eq!(
+                r.on_store_error,
+                OnStoreError::FailOpen,
+                "docs/teams.md na-12: `{}` fails open",
+                r.name
+            );
+        }
+        assert!(
+            snap.store.is_some(),
+            "docs/teams.md na-01: counters in Redis"
+        );
+    }
+
     /// The rows of docs/teams.md's tables whose status is `expressed`, as cells.
     fn expressed_rows() -> Vec<Vec<String>> {
         let path = root().join("docs/teams.md");
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let rows: Vec<Vec<String>> = text
             .lines()
             .filter(|l| l.trim_start().starts_with('|'))
-            .map(|l| l.trim().trim_matches('|').split('|').map(|c| c.trim().to_string()).collect::<Vec<_>>())
+            .map(|l| {
+                l.trim()
+                    .trim_matches('|')
+                    .split('|')
+                    .map(|c| c.trim().to_string())
+                    .collect::<Vec<_>>()
+            })
             // | id | team | requirement | YAML path | status | proof |
             .filter(|cells| cells.len() == 6 && cells[4].starts_with("expressed"))
             .collect();
-        assert!(rows.len() >= 30, "only {} `expressed` rows found in docs/teams.md", rows.len());
+        assert!(
+            rows.len() >= 30,
+            "only {} `expressed` rows found in docs/teams.md",
+            rows.len()
+        );
         rows
     }
 
@@ -1032,8 +1297,17 @@ mod team_examples_hold_their_numbers {
             let file = code_spans(&cells[3])
                 .into_iter()
                 .find(|s| s.starts_with("examples/"))
-                .unwrap_or_else(|| panic!("docs/teams.md {}: no `examples/...` file in the YAML path", cells[0]));
-            assert!(root().join(file).is_file(), "docs/teams.md {}: `{file}` does not exist", cells[0]);
+                .unwrap_or_else(|| {
+                    panic!(
+                        "docs/teams.md {}: no `examples/...` file in the YAML path",
+                        cells[0]
+                    )
+                });
+            assert!(
+                root().join(file).is_file(),
+                "docs/teams.md {}: `{file}` does not exist",
+                cells[0]
+            );
         }
     }
 
@@ -1045,7 +1319,10 @@ mod team_examples_hold_their_numbers {
         let unit = std::fs::read_to_string(root().join("src/config/tests.rs")).unwrap();
         for cells in expressed_rows() {
             let proof = &cells[5];
-            let names: Vec<&str> = code_spans(proof).into_iter().filter(|s| s.contains("::")).collect();
+            let names: Vec<&str> = code_spans(proof)
+                .into_iter()
+                .filter(|s| s.contains("::"))
+                .collect();
             assert!(
                 !names.is_empty() || proof.contains("e2e: pending"),
                 "docs/teams.md {}: no proof",
@@ -1057,8 +1334,9 @@ mod team_examples_hold_their_numbers {
                     unit.clone()
                 } else {
                     let file = root().join("tests/e2e").join(format!("{module}.rs"));
-                    std::fs::read_to_string(&file)
-                        .unwrap_or_else(|e| panic!("docs/teams.md {}: {}: {e}", cells[0], file.display()))
+                    std::fs::read_to_string(&file).unwrap_or_else(|e| {
+                        panic!("docs/teams.md {}: {}: {e}", cells[0], file.display())
+                    })
                 };
                 assert!(
                     source.contains(&format!("fn {test}(")),

@@ -20,6 +20,10 @@ pub struct Ctx {
     /// The snapshot this request started on; it keeps it to the end.
     pub active: Option<Arc<Active>>,
     pub route: Option<Arc<Route>>,
+    /// Index of `route` in the snapshot (for per-route runtime state).
+    pub route_index: usize,
+    /// A retryable upstream answer kept until the retry decision is made.
+    pub held_answer: Option<super::forward::HeldAnswer>,
     /// The whole request body, replayable.
     pub body: Bytes,
     pub llm: Option<LlmFields>,
@@ -37,6 +41,21 @@ pub struct Ctx {
     pub error: Option<String>,
     pub stream_end: Option<StreamEnd>,
     pub cors: Vec<(&'static str, String)>,
+    /// Who is calling, when the route has rate-limit rules.
+    pub identity: Option<crate::policy::identity::Identity>,
+    /// Tokens and cost reserved at admission, reconciled when the response ends.
+    pub reservation: Option<crate::policy::ratelimit::Reservation>,
+    /// `X-RateLimit-*` and IETF `RateLimit*` headers for every response of a limited route.
+    pub rate_headers: Vec<(&'static str, String)>,
+    /// Usage read from the response (JSON `usage` or the SSE stream).
+    pub usage: Option<super::limits::UsageTracker>,
+    /// Tokens charged when the request ended, and whether they were estimated.
+    pub usage_tokens: u64,
+    /// The stream slot, when this is a streaming request.
+    pub stream: Option<super::admission::StreamGuard>,
+    /// The route's concurrency slot.
+    pub slot: Option<super::admission::SlotGuard>,
+    pub usage_estimated: bool,
     /// Decrements the active-requests gauge when dropped, on every path.
     pub active_guard: Option<ActiveGuard>,
 }
@@ -50,6 +69,8 @@ impl Ctx {
             method: "OTHER",
             active: None,
             route: None,
+            route_index: 0,
+            held_answer: None,
             body: Bytes::new(),
             llm: None,
             reason: None,
@@ -63,6 +84,14 @@ impl Ctx {
             error: None,
             stream_end: None,
             cors: Vec::new(),
+            identity: None,
+            reservation: None,
+            rate_headers: Vec::new(),
+            usage: None,
+            usage_tokens: 0,
+            stream: None,
+            slot: None,
+            usage_estimated: false,
             active_guard: None,
         }
     }

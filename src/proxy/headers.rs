@@ -56,10 +56,16 @@ pub fn is_trusted(trusted: &[Cidr], ip: Option<IpAddr>) -> bool {
 /// The `X-Forwarded-For` value to send upstream: the existing chain is kept
 /// only when the peer is a trusted proxy; otherwise it is replaced, so a
 /// client cannot forge its address.
-pub fn forwarded_for(existing: Option<&str>, peer: Option<IpAddr>, peer_trusted: bool) -> Option<String> {
+pub fn forwarded_for(
+    existing: Option<&str>,
+    peer: Option<IpAddr>,
+    peer_trusted: bool,
+) -> Option<String> {
     let peer = peer?.to_string();
     match existing {
-        Some(chain) if peer_trusted && !chain.trim().is_empty() => Some(format!("{}, {peer}", chain.trim())),
+        Some(chain) if peer_trusted && !chain.trim().is_empty() => {
+            Some(format!("{}, {peer}", chain.trim()))
+        }
         _ => Some(peer),
     }
 }
@@ -109,7 +115,11 @@ pub fn new_request_id() -> String {
 pub fn cors_headers(cors: &CorsConfig, origin: Option<&str>) -> Vec<(&'static str, String)> {
     let Some(origin) = origin else { return vec![] };
     let any = cors.allow_origins.iter().any(|o| o == "*");
-    let allowed = any || cors.allow_origins.iter().any(|o| o.eq_ignore_ascii_case(origin));
+    let allowed = any
+        || cors
+            .allow_origins
+            .iter()
+            .any(|o| o.eq_ignore_ascii_case(origin));
     if !allowed {
         return vec![];
     }
@@ -124,7 +134,10 @@ pub fn cors_headers(cors: &CorsConfig, origin: Option<&str>) -> Vec<(&'static st
         out.push(("access-control-allow-credentials", "true".to_string()));
     }
     if !cors.expose_headers.is_empty() {
-        out.push(("access-control-expose-headers", cors.expose_headers.join(", ")));
+        out.push((
+            "access-control-expose-headers",
+            cors.expose_headers.join(", "),
+        ));
     }
     out
 }
@@ -144,10 +157,17 @@ pub fn add_cors(resp: &mut ResponseHeader, cors: &[(&'static str, String)]) -> p
                 .map(|t| t.trim().to_string())
                 .filter(|t| !t.is_empty())
                 .collect();
-            if existing.iter().any(|t| t == "*" || t.eq_ignore_ascii_case(v)) {
+            if existing
+                .iter()
+                .any(|t| t == "*" || t.eq_ignore_ascii_case(v))
+            {
                 continue;
             }
-            let merged = existing.into_iter().chain(std::iter::once(v.clone())).collect::<Vec<_>>().join(", ");
+            let merged = existing
+                .into_iter()
+                .chain(std::iter::once(v.clone()))
+                .collect::<Vec<_>>()
+                .join(", ");
             resp.insert_header("vary", merged)?;
         } else {
             resp.insert_header(*k, v.as_str())?;
@@ -159,8 +179,14 @@ pub fn add_cors(resp: &mut ResponseHeader, cors: &[(&'static str, String)]) -> p
 /// Extra headers for a preflight answer (on top of [`cors_headers`]).
 pub fn preflight_headers(cors: &CorsConfig) -> Vec<(&'static str, String)> {
     vec![
-        ("access-control-allow-methods", cors.allow_methods.join(", ")),
-        ("access-control-allow-headers", cors.allow_headers.join(", ")),
+        (
+            "access-control-allow-methods",
+            cors.allow_methods.join(", "),
+        ),
+        (
+            "access-control-allow-headers",
+            cors.allow_headers.join(", "),
+        ),
         ("access-control-max-age", cors.max_age.as_secs().to_string()),
     ]
 }
@@ -173,7 +199,8 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_tokens_are_removed() {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        req.insert_header("connection", "keep-alive, x-secret").unwrap();
+        req.insert_header("connection", "keep-alive, x-secret")
+            .unwrap();
         req.insert_header("x-secret", "1").unwrap();
         req.insert_header("te", "trailers").unwrap();
         req.insert_header("x-keep", "1").unwrap();
@@ -187,14 +214,23 @@ mod tests {
     #[test]
     fn xff_kept_only_from_trusted_peers() {
         let ip: IpAddr = "10.1.2.3".parse().unwrap();
-        assert_eq!(forwarded_for(Some("1.1.1.1"), Some(ip), true).unwrap(), "1.1.1.1, 10.1.2.3");
-        assert_eq!(forwarded_for(Some("1.1.1.1"), Some(ip), false).unwrap(), "10.1.2.3");
+        assert_eq!(
+            forwarded_for(Some("1.1.1.1"), Some(ip), true).unwrap(),
+            "1.1.1.1, 10.1.2.3"
+        );
+        assert_eq!(
+            forwarded_for(Some("1.1.1.1"), Some(ip), false).unwrap(),
+            "10.1.2.3"
+        );
         assert_eq!(forwarded_for(None, Some(ip), true).unwrap(), "10.1.2.3");
     }
 
     #[test]
     fn request_ids() {
-        assert_eq!(accept_request_id(Some(b"abc-123")).as_deref(), Some("abc-123"));
+        assert_eq!(
+            accept_request_id(Some(b"abc-123")).as_deref(),
+            Some("abc-123")
+        );
         assert!(accept_request_id(Some(b"has space")).is_none());
         assert!(accept_request_id(Some(&[b'a'; 129])).is_none());
         let a = new_request_id();
@@ -205,17 +241,27 @@ mod tests {
 
     #[test]
     fn cors_vary_is_merged_with_the_upstreams() {
-        let cors = vec![("vary", "Origin".to_string()), ("access-control-allow-origin", "https://a".to_string())];
+        let cors = vec![
+            ("vary", "Origin".to_string()),
+            ("access-control-allow-origin", "https://a".to_string()),
+        ];
         let mut resp = ResponseHeader::build(200, None).unwrap();
         resp.insert_header("vary", "Accept-Encoding").unwrap();
         add_cors(&mut resp, &cors).unwrap();
         assert_eq!(resp.headers.get("vary").unwrap(), "Accept-Encoding, Origin");
         add_cors(&mut resp, &cors).unwrap();
-        assert_eq!(resp.headers.get("vary").unwrap(), "Accept-Encoding, Origin", "not added twice");
+        assert_eq!(
+            resp.headers.get("vary").unwrap(),
+            "Accept-Encoding, Origin",
+            "not added twice"
+        );
         let mut bare = ResponseHeader::build(200, None).unwrap();
         add_cors(&mut bare, &cors).unwrap();
         assert_eq!(bare.headers.get("vary").unwrap(), "Origin");
-        assert_eq!(bare.headers.get("access-control-allow-origin").unwrap(), "https://a");
+        assert_eq!(
+            bare.headers.get("access-control-allow-origin").unwrap(),
+            "https://a"
+        );
     }
 
     #[test]
@@ -229,8 +275,14 @@ mod tests {
             max_age: Duration::from_secs(600),
         };
         let h = cors_headers(&cors, Some("https://app.example.com"));
-        assert!(h.contains(&("access-control-allow-origin", "https://app.example.com".into())));
-        assert!(h.contains(&("access-control-expose-headers", "retry-after, x-floodwall-reason".into())));
+        assert!(h.contains(&(
+            "access-control-allow-origin",
+            "https://app.example.com".into()
+        )));
+        assert!(h.contains(&(
+            "access-control-expose-headers",
+            "retry-after, x-floodwall-reason".into()
+        )));
         assert!(cors_headers(&cors, Some("https://evil.example")).is_empty());
         assert!(cors_headers(&cors, None).is_empty());
     }

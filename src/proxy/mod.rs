@@ -15,13 +15,17 @@
 //! WebSocket routes (`websocket: true`) hand Upgrade requests to Pingora's own
 //! proxy loop untouched, through `upstream_peer`.
 
+pub mod admission;
 pub mod ctx;
+pub mod forward;
 pub mod headers;
+pub mod limits;
 pub mod reject;
+pub mod sse;
 pub mod upstream;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -30,11 +34,10 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 pub use ctx::Ctx;
 use reject::{Reason, Reject};
-use upstream::{AttemptReport, AttemptRequest, StreamEnd};
 
 use crate::config::{JsonMode, Route};
 use crate::request::{self, BodyError};
@@ -57,7 +60,13 @@ impl FloodwallProxy {
     }
 
     /// Send a rejection with the request id and CORS headers, and record it.
-    async fn reject(&self, session: &mut Session, ctx: &mut Ctx, r: Reject, body_read: bool) -> Result<bool> {
+    async fn reject(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        r: Reject,
+        body_read: bool,
+    ) -> Result<bool> {
         ctx.reason = Some(r.reason);
         ctx.status = r.status();
         ctx.error = Some(r.message.clone());
@@ -68,6 +77,7 @@ impl FloodwallProxy {
         }
         self.shared.metrics.local_response(r.reason.code());
         let mut extra = ctx.cors.clone();
+        extra.extend(ctx.rate_headers.iter().cloned());
         extra.push(("x-request-id", ctx.request_id.clone()));
         reject::send(session, &r, &extra, body_read).await?;
         ctx.response_started = true;
@@ -91,7 +101,10 @@ impl FloodwallProxy {
         // now rather than leave the client waiting out its own timer.
         if expects_continue(session.req_header()) && !session.is_body_empty() {
             session.write_continue_response().await.map_err(|e| {
-                Reject::new(Reason::InvalidRequest, format!("could not send 100 Continue: {}", e.etype().as_str()))
+                Reject::new(
+                    Reason::InvalidRequest,
+                    format!("could not send 100 Continue: {}", e.etype().as_str()),
+                )
             })?;
         }
         let mut buf = BytesMut::new();
@@ -107,7 +120,10 @@ impl FloodwallProxy {
         match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
             Err(_) => Err(Reject::new(
                 Reason::RequestTimeout,
-                format!("the request body did not arrive within {}s", BODY_READ_TIMEOUT.as_secs()),
+                format!(
+                    "the request body did not arrive within {}s",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
             )),
             Ok(Err(e)) => Err(Reject::new(
                 Reason::InvalidRequest,
@@ -119,19 +135,37 @@ impl FloodwallProxy {
     }
 
     /// The request header to send upstream for `route`.
-    fn upstream_request(&self, session: &Session, ctx: &Ctx, route: &Route, active: &Active) -> Result<RequestHeader> {
+    fn upstream_request(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        route: &Route,
+        active: &Active,
+    ) -> Result<RequestHeader> {
         let mut req = session.req_header().clone();
         let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let new_pq = crate::routing::rewrite_path(route.rewrite.as_ref().and_then(|r| r.strip_prefix.as_deref()), pq);
+        let new_pq = crate::routing::rewrite_path(
+            route
+                .rewrite
+                .as_ref()
+                .and_then(|r| r.strip_prefix.as_deref()),
+            pq,
+        );
         if new_pq != pq || req.uri.authority().is_some() {
-            let uri: http::Uri = new_pq
-                .parse()
-                .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "rewritten path is not a valid URI"))?;
+            let uri: http::Uri = new_pq.parse().map_err(|_| {
+                Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "rewritten path is not a valid URI",
+                )
+            })?;
             req.set_uri(uri);
         }
         let upgrade = route.websocket && session.is_upgrade_req();
         let upgrade_hdrs = if upgrade {
-            (req.headers.get("upgrade").cloned(), req.headers.get("connection").cloned())
+            (
+                req.headers.get("upgrade").cloned(),
+                req.headers.get("connection").cloned(),
+            )
         } else {
             (None, None)
         };
@@ -142,7 +176,10 @@ impl FloodwallProxy {
         }
         let peer_ip = client_ip(session);
         let trusted = headers::is_trusted(&active.snapshot.server.trusted_proxies, peer_ip);
-        let existing = req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        let existing = req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
         if let Some(xff) = headers::forwarded_for(existing, peer_ip, trusted) {
             req.insert_header("x-forwarded-for", xff)?;
         }
@@ -151,7 +188,9 @@ impl FloodwallProxy {
         }
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
         if !upgrade {
-            if ctx.body.is_empty() && !req.headers.contains_key("content-length") && req.method != http::Method::POST
+            if ctx.body.is_empty()
+                && !req.headers.contains_key("content-length")
+                && req.method != http::Method::POST
             {
                 // no body, no framing header
             } else {
@@ -161,102 +200,13 @@ impl FloodwallProxy {
         Ok(req)
     }
 
-    /// One upstream exchange for a buffered request.
-    async fn forward(&self, session: &mut Session, ctx: &mut Ctx, active: &Arc<Active>, route: &Arc<Route>) -> Result<bool> {
-        let backend_cfg = &active.snapshot.backends[route.backend];
-        let backend = &active.backends[route.backend];
-        let header = self.upstream_request(session, ctx, route, active)?;
-        let endpoint = backend.pick();
-        let mut report = AttemptReport::default();
-        ctx.attempts += 1;
-        ctx.backend = Some(backend_cfg.name.clone());
-        let start = upstream::start_attempt(
-            &self.connector,
-            backend,
-            endpoint,
-            AttemptRequest {
-                header,
-                body: &ctx.body,
-                response_headers_timeout: route.timeouts.response_headers.unwrap_or(backend_cfg.timeouts.response_headers),
-                connect_timeout: route.timeouts.connect,
-            },
-            &mut report,
-        );
-        // The request body was read whole, so any downstream event while the
-        // upstream thinks means the client left: drop the attempt (closing
-        // its connection, so the backend stops generating) instead of
-        // waiting out a long completion nobody will read.
-        let attempt = tokio::select! {
-            biased;
-            a = start => a,
-            _ = session.downstream_session.read_body_or_idle(true) => {
-                let why = "client closed the connection before the response header";
-                ctx.error = Some(why.into());
-                return Err(Error::create(
-                    ErrorType::ConnectionClosed,
-                    pingora::ErrorSource::Downstream,
-                    Some(why.into()),
-                    None,
-                ));
-            }
-        };
-        let outcome = if attempt.is_ok() { "ok" } else { report.outcome };
-        self.shared.metrics.observe_upstream(
-            &backend_cfg.name,
-            outcome,
-            report.header_latency.map(|d| d.as_secs_f64()),
-        );
-        let mut answer = match attempt {
-            Ok(a) => a,
-            Err(r) => return self.reject(session, ctx, r, true).await,
-        };
-        let Some(mut resp) = upstream::downstream_header(&answer.session) else {
-            return self
-                .reject(session, ctx, Reject::new(Reason::UpstreamError, "upstream sent no response header"), true)
-                .await;
-        };
-        self.prepare_response(session, ctx, &mut resp)?;
-        resp.insert_header("x-floodwall-backend", backend_cfg.name.as_str())?;
-        ctx.status = resp.status.as_u16();
-        let is_sse = resp
-            .headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        let head_only = session.req_header().method == http::Method::HEAD || matches!(ctx.status, 204 | 304);
-        if let Err(e) = session.write_response_header(Box::new(resp), false).await {
-            upstream::release(&self.connector, backend, answer.endpoint, answer.session, false).await;
-            ctx.error = Some(format!("writing response header: {}", e.etype().as_str()));
-            return Err(e);
-        }
-        ctx.response_started = true;
-        let mut bytes_out = 0u64;
-        let (end, why) = if head_only {
-            match session.write_response_body(None, true).await {
-                Ok(()) => (StreamEnd::Complete, None),
-                Err(_) => (StreamEnd::ClientGone, Some("client closed the connection".into())),
-            }
-        } else {
-            upstream::stream_body(session, &mut answer.session, is_sse, |c| bytes_out += c.len() as u64).await
-        };
-        ctx.bytes_out = bytes_out;
-        ctx.stream_end = Some(end);
-        let reusable = end == StreamEnd::Complete && answer.session.response_done();
-        upstream::release(&self.connector, backend, answer.endpoint, answer.session, reusable).await;
-        match end {
-            StreamEnd::Complete => Ok(true),
-            StreamEnd::UpstreamBroke | StreamEnd::ClientGone => {
-                let why = why.unwrap_or_default();
-                ctx.error = Some(why.clone());
-                // End the response abnormally: Pingora drops the connection
-                // without writing the body terminator, so the cut is visible.
-                Error::e_explain(ErrorType::ConnectionClosed, why)
-            }
-        }
-    }
-
     /// Fix up an upstream response header for the client.
-    fn prepare_response(&self, session: &Session, ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
+    fn prepare_response(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        resp: &mut ResponseHeader,
+    ) -> Result<()> {
         headers::strip_hop_by_hop_response(resp);
         if session.as_http1().is_some() || session.req_header().version < http::Version::HTTP_2 {
             resp.set_version(http::Version::HTTP_11);
@@ -273,6 +223,9 @@ impl FloodwallProxy {
         }
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         headers::add_cors(resp, &ctx.cors)?;
+        for (k, v) in &ctx.rate_headers {
+            resp.insert_header(*k, v.as_str())?;
+        }
         Ok(())
     }
 }
@@ -285,7 +238,10 @@ fn too_large(len: u64, max: usize) -> Reject {
 }
 
 fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
-    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
 }
 
 fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
@@ -300,7 +256,12 @@ fn expects_continue(req: &RequestHeader) -> bool {
 
 fn is_json_content_type(req: &RequestHeader) -> bool {
     header_str(req, "content-type").is_some_and(|ct| {
-        let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let ct = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         ct == "application/json" || ct.ends_with("+json")
     })
 }
@@ -316,8 +277,9 @@ impl ProxyHttp for FloodwallProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let active = self.shared.active();
         let req = session.req_header();
-        ctx.request_id = headers::accept_request_id(req.headers.get("x-request-id").map(|v| v.as_bytes()))
-            .unwrap_or_else(headers::new_request_id);
+        ctx.request_id =
+            headers::accept_request_id(req.headers.get("x-request-id").map(|v| v.as_bytes()))
+                .unwrap_or_else(headers::new_request_id);
         ctx.trace_id = header_str(req, "traceparent")
             .and_then(crate::telemetry::logging::trace_id_from_traceparent)
             .map(str::to_string);
@@ -334,7 +296,12 @@ impl ProxyHttp for FloodwallProxy {
             {
                 let mut h = ResponseHeader::build(204, Some(8))?;
                 if !ctx.cors.is_empty() {
-                    for (k, v) in ctx.cors.iter().cloned().chain(headers::preflight_headers(cors)) {
+                    for (k, v) in ctx
+                        .cors
+                        .iter()
+                        .cloned()
+                        .chain(headers::preflight_headers(cors))
+                    {
                         h.insert_header(k, v)?;
                     }
                 }
@@ -367,10 +334,13 @@ impl ProxyHttp for FloodwallProxy {
             let msg = format!("no route matches {} {}", req.method, req.uri.path());
             ctx.active = Some(active);
             let body_done = session.is_body_empty();
-            return self.reject(session, ctx, Reject::new(Reason::NoRoute, msg), body_done).await;
+            return self
+                .reject(session, ctx, Reject::new(Reason::NoRoute, msg), body_done)
+                .await;
         };
         let route = snap.routes[idx].clone();
         ctx.route = Some(route.clone());
+        ctx.route_index = idx;
         ctx.active_guard = Some(self.shared.metrics.active_request(&route.name));
         ctx.active = Some(active.clone());
 
@@ -390,17 +360,23 @@ impl ProxyHttp for FloodwallProxy {
             JsonMode::Required => true,
             JsonMode::Auto => is_json_content_type(session.req_header()),
         };
+        let mut doc: Option<serde_json::Value> = None;
         if parse_json {
-            let keep_doc = !route.request.fields.is_empty();
+            let keep_doc =
+                !route.request.fields.is_empty() || snap.limits.identity.needs_body_doc();
             match request::parse(&ctx.body, keep_doc) {
-                Ok(Some((fields, doc))) => {
-                    if let Err(e) = request::check(&route.request, &fields, doc.as_ref()) {
+                Ok(Some((fields, parsed))) => {
+                    if let Err(e) = request::check(&route.request, &fields, parsed.as_ref()) {
                         return self.reject(session, ctx, body_reject(e), true).await;
                     }
                     ctx.llm = Some(fields);
+                    doc = parsed;
                 }
                 Ok(None) if route.request.json == JsonMode::Required => {
-                    let r = Reject::new(Reason::InvalidJson, "request body is empty; this route expects JSON");
+                    let r = Reject::new(
+                        Reason::InvalidJson,
+                        "request body is empty; this route expects JSON",
+                    );
                     return self.reject(session, ctx, r, true).await;
                 }
                 Ok(None) => {
@@ -420,6 +396,20 @@ impl ProxyHttp for FloodwallProxy {
                 );
                 return self.reject(session, ctx, r, true).await;
             }
+        }
+
+        // Identity, rate limits, token and cost budgets.
+        if let Some(sent) = self
+            .admit_limits(session, ctx, &active, doc.as_ref())
+            .await?
+        {
+            return Ok(sent);
+        }
+        drop(doc);
+
+        // Stream slots and the route's concurrency limit (may queue).
+        if let Some(sent) = self.admit_admission(session, ctx, &active).await? {
+            return Ok(sent);
         }
 
         self.forward(session, ctx, &active, &route).await
@@ -459,7 +449,12 @@ impl ProxyHttp for FloodwallProxy {
         Ok(())
     }
 
-    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
         ctx.status = resp.status.as_u16();
         ctx.response_started = true;
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
@@ -490,13 +485,17 @@ impl ProxyHttp for FloodwallProxy {
                     Reason::RequestTimeout
                 }
             }
-            ErrorType::ConnectError | ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::TLSHandshakeFailure => {
-                Reason::UpstreamConnectError
-            }
+            ErrorType::ConnectError
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::TLSHandshakeFailure => Reason::UpstreamConnectError,
             _ => match e.esource() {
                 pingora::ErrorSource::Upstream => Reason::UpstreamError,
                 pingora::ErrorSource::Downstream => {
-                    if matches!(e.etype(), ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed) {
+                    if matches!(
+                        e.etype(),
+                        ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+                    ) {
                         if ctx.error.is_none() {
                             ctx.error = Some(format!("client went away: {}", e.etype().as_str()));
                         }
@@ -521,9 +520,17 @@ impl ProxyHttp for FloodwallProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let elapsed = ctx.start.elapsed();
-        let route = ctx.route.as_ref().map(|r| r.name.as_str()).unwrap_or("unmatched");
+        self.settle_usage(ctx).await;
+        let route = ctx
+            .route
+            .as_ref()
+            .map(|r| r.name.as_str())
+            .unwrap_or("unmatched");
         let status = if ctx.status == 0 {
-            session.response_written().map(|r| r.status.as_u16()).unwrap_or(0)
+            session
+                .response_written()
+                .map(|r| r.status.as_u16())
+                .unwrap_or(0)
         } else {
             ctx.status
         };
@@ -532,23 +539,28 @@ impl ProxyHttp for FloodwallProxy {
         m.add_bytes(route, ctx.bytes_in, ctx.bytes_out);
         ctx.active_guard.take();
         let error = ctx.error.as_deref().or(e.map(|_| "proxy error"));
-        info!(
-            target: "access",
-            request_id = %ctx.request_id,
-            trace_id = ctx.trace_id.as_deref().unwrap_or(""),
-            method = ctx.method,
+        crate::telemetry::access::emit(&crate::telemetry::access::AccessLine {
+            request_id: &ctx.request_id,
+            trace_id: ctx.trace_id.as_deref().unwrap_or(""),
+            method: ctx.method,
             route,
-            backend = ctx.backend.as_deref().unwrap_or(""),
+            backend: ctx.backend.as_deref().unwrap_or(""),
             status,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            attempts = ctx.attempts,
-            bytes_in = ctx.bytes_in,
-            bytes_out = ctx.bytes_out,
-            reason = ctx.reason.map(|r| r.code()).unwrap_or(""),
-            stream_end = ctx.stream_end.map(|s| s.as_str()).unwrap_or(""),
-            error = error.unwrap_or(""),
-        );
-        let _ = Instant::now();
+            latency_ms: elapsed.as_secs_f64() * 1000.0,
+            attempts: ctx.attempts,
+            bytes_in: ctx.bytes_in,
+            bytes_out: ctx.bytes_out,
+            reason: ctx.reason.map(|r| r.code()).unwrap_or(""),
+            stream_end: ctx.stream_end.map(|s| s.as_str()).unwrap_or(""),
+            user: ctx
+                .identity
+                .as_ref()
+                .and_then(|i| i.user.as_deref())
+                .unwrap_or(""),
+            tokens: ctx.usage_tokens,
+            usage: if ctx.usage_estimated { "estimated" } else { "" },
+            error: error.unwrap_or(""),
+        });
     }
 }
 

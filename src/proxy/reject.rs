@@ -22,11 +22,36 @@ pub enum Reason {
     UpstreamConnectError,
     UpstreamTimeout,
     UpstreamError,
+    CircuitOpen,
+    RateLimited,
+    TokensExceeded,
+    BudgetExceeded,
+    MissingIdentity,
+    InvalidToken,
+    LimiterUnavailable,
+    StreamLimit,
+    ConcurrencyLimit,
+    Overloaded,
+    UpstreamQuota,
+    /// A route's static `fallback.respond` answer (its status is the policy's).
+    FallbackResponse,
     Internal,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 22] = [
+        Reason::StreamLimit,
+        Reason::ConcurrencyLimit,
+        Reason::Overloaded,
+        Reason::UpstreamQuota,
+        Reason::RateLimited,
+        Reason::TokensExceeded,
+        Reason::BudgetExceeded,
+        Reason::MissingIdentity,
+        Reason::InvalidToken,
+        Reason::LimiterUnavailable,
+        Reason::CircuitOpen,
+        Reason::FallbackResponse,
         Reason::NoRoute,
         Reason::BodyTooLarge,
         Reason::InvalidJson,
@@ -51,6 +76,18 @@ impl Reason {
             Reason::UpstreamConnectError => "upstream_connect_error",
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::UpstreamError => "upstream_error",
+            Reason::CircuitOpen => "circuit_open",
+            Reason::RateLimited => "rate_limited",
+            Reason::TokensExceeded => "tokens_exceeded",
+            Reason::BudgetExceeded => "budget_exceeded",
+            Reason::MissingIdentity => "missing_identity",
+            Reason::InvalidToken => "invalid_token",
+            Reason::LimiterUnavailable => "limiter_unavailable",
+            Reason::StreamLimit => "stream_limit",
+            Reason::ConcurrencyLimit => "concurrency_limit",
+            Reason::Overloaded => "overloaded",
+            Reason::UpstreamQuota => "upstream_quota",
+            Reason::FallbackResponse => "fallback_response",
             Reason::Internal => "internal_error",
         }
     }
@@ -63,6 +100,15 @@ impl Reason {
             Reason::RequestTimeout => 408,
             Reason::UpstreamConnectError | Reason::UpstreamError => 502,
             Reason::UpstreamTimeout => 504,
+            Reason::CircuitOpen
+            | Reason::FallbackResponse
+            | Reason::LimiterUnavailable
+            | Reason::StreamLimit
+            | Reason::Overloaded
+            | Reason::UpstreamQuota => 503,
+            Reason::ConcurrencyLimit => 429,
+            Reason::RateLimited | Reason::TokensExceeded | Reason::BudgetExceeded => 429,
+            Reason::MissingIdentity | Reason::InvalidToken => 401,
             Reason::Internal => 500,
         }
     }
@@ -79,6 +125,17 @@ impl Reason {
             Reason::UpstreamConnectError | Reason::UpstreamTimeout | Reason::UpstreamError => {
                 "upstream_error"
             }
+            Reason::CircuitOpen
+            | Reason::FallbackResponse
+            | Reason::LimiterUnavailable
+            | Reason::StreamLimit
+            | Reason::Overloaded
+            | Reason::UpstreamQuota => "unavailable",
+            Reason::ConcurrencyLimit => "rate_limit_error",
+            Reason::RateLimited | Reason::TokensExceeded | Reason::BudgetExceeded => {
+                "rate_limit_error"
+            }
+            Reason::MissingIdentity | Reason::InvalidToken => "authentication_error",
             Reason::Internal => "server_error",
         }
     }
@@ -93,6 +150,9 @@ impl Reason {
 #[derive(Debug, Clone)]
 pub struct Reject {
     pub reason: Reason,
+    /// A status other than the reason's usual one (e.g. a rule's
+    /// `missing_identity_status: 400`).
+    pub status: Option<u16>,
     pub message: String,
     /// Seconds, rounded up; always set on 429 and 503.
     pub retry_after: Option<u64>,
@@ -102,13 +162,14 @@ impl Reject {
     pub fn new(reason: Reason, message: impl Into<String>) -> Self {
         Reject {
             reason,
+            status: None,
             message: message.into(),
             retry_after: None,
         }
     }
 
     pub fn status(&self) -> u16 {
-        self.reason.status()
+        self.status.unwrap_or_else(|| self.reason.status())
     }
 
     pub fn body(&self) -> Bytes {
@@ -162,7 +223,9 @@ pub async fn send(
         h.insert_header("connection", "close")?;
     }
     let head_only = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(h), head_only).await?;
+    session
+        .write_response_header(Box::new(h), head_only)
+        .await?;
     if !head_only {
         session.write_response_body(Some(body), true).await?;
     }
@@ -187,7 +250,10 @@ mod tests {
         let r = Reject::new(Reason::UpstreamTimeout, "t");
         let h = r.header(10).unwrap();
         assert_eq!(h.status.as_u16(), 504);
-        assert_eq!(h.headers.get("x-floodwall-reason").unwrap(), "upstream_timeout");
+        assert_eq!(
+            h.headers.get("x-floodwall-reason").unwrap(),
+            "upstream_timeout"
+        );
         assert!(h.headers.get("retry-after").is_none());
         let codes: std::collections::HashSet<_> = Reason::ALL.iter().map(|r| r.code()).collect();
         assert_eq!(codes.len(), Reason::ALL.len(), "codes are unique");

@@ -25,6 +25,9 @@ use pingora::ErrorType;
 
 use super::reject::{Reason, Reject};
 use crate::config::{Backend, Scheme};
+use crate::policy::breaker::{
+    backend_key, endpoint_key, Admission, Breaker, BreakerRegistry, Permit,
+};
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
@@ -33,9 +36,13 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 pub struct BackendRuntime {
     cursor: AtomicUsize,
     endpoints: Vec<EndpointRuntime>,
+    /// The backend-wide breaker (`circuit_breaker`), if configured.
+    pub breaker: Option<Arc<Breaker>>,
 }
 
 struct EndpointRuntime {
+    /// This endpoint's own breaker, if the backend has `circuit_breaker`.
+    breaker: Option<Arc<Breaker>>,
     /// `None` when the endpoint could not be prepared (the string says why).
     peer: Result<HttpPeer, String>,
     /// Host header to send (override, or the endpoint's authority).
@@ -76,6 +83,7 @@ impl BackendRuntime {
                     p
                 });
                 EndpointRuntime {
+                    breaker: None,
                     peer,
                     host,
                     url: ep.url.clone(),
@@ -85,7 +93,81 @@ impl BackendRuntime {
         Ok(BackendRuntime {
             cursor: AtomicUsize::new(0),
             endpoints,
+            breaker: None,
         })
+    }
+
+    /// Attach the breakers of this backend and of each endpoint, taken from
+    /// the registry so that their state survives a reload of an unchanged
+    /// `circuit_breaker` section.
+    pub fn with_breakers(mut self, b: &Backend, registry: &BreakerRegistry) -> Self {
+        if let Some(cfg) = &b.circuit_breaker {
+            self.breaker = Some(registry.get(&backend_key(&b.name), cfg));
+            for ep in &mut self.endpoints {
+                ep.breaker = Some(registry.get(&endpoint_key(&b.name, &ep.url), cfg));
+            }
+        }
+        self
+    }
+
+    /// The breaker keys this runtime uses (for the registry's `retain`).
+    pub fn breaker_keys(&self) -> impl Iterator<Item = &str> {
+        self.breaker
+            .iter()
+            .chain(self.endpoints.iter().filter_map(|e| e.breaker.as_ref()))
+            .map(|b| b.key())
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// The next endpoint round-robin, avoiding `avoid` (the endpoint of the
+    /// previous attempt) when there is another, and skipping endpoints whose
+    /// breaker is open. Returns the endpoint and its breaker permit, or the
+    /// shortest time until an endpoint's breaker half-opens.
+    pub fn choose(
+        &self,
+        avoid: Option<usize>,
+        now: Instant,
+    ) -> Result<(usize, Option<Permit>), Duration> {
+        let n = self.endpoints.len().max(1);
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let mut soonest = Duration::MAX;
+        let mut fallback_same: Option<usize> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if Some(i) == avoid && n > 1 {
+                fallback_same = Some(i);
+                continue;
+            }
+            match self.acquire(i, now) {
+                Ok(p) => return Ok((i, p)),
+                Err(wait) => soonest = soonest.min(wait),
+            }
+        }
+        if let Some(i) = fallback_same {
+            match self.acquire(i, now) {
+                Ok(p) => return Ok((i, p)),
+                Err(wait) => soonest = soonest.min(wait),
+            }
+        }
+        Err(soonest)
+    }
+
+    fn acquire(&self, i: usize, now: Instant) -> Result<Option<Permit>, Duration> {
+        match self.endpoints.get(i).and_then(|e| e.breaker.as_ref()) {
+            None => Ok(None),
+            Some(b) => match b.try_acquire(now) {
+                Admission::Allowed(p) => Ok(Some(p)),
+                Admission::Rejected { retry_after } => Err(retry_after),
+            },
+        }
+    }
+
+    /// The breaker of endpoint `i`.
+    pub fn endpoint_breaker(&self, i: usize) -> Option<&Arc<Breaker>> {
+        self.endpoints.get(i).and_then(|e| e.breaker.as_ref())
     }
 
     /// A backend whose TLS material failed to load: every attempt fails with `why`.
@@ -96,11 +178,13 @@ impl BackendRuntime {
                 .endpoints
                 .iter()
                 .map(|ep| EndpointRuntime {
+                    breaker: None,
                     peer: Err(why.clone()),
                     host: ep.host.clone(),
                     url: ep.url.clone(),
                 })
                 .collect(),
+            breaker: None,
         }
     }
 
@@ -149,14 +233,23 @@ fn load_ca(path: &std::path::Path) -> Result<Arc<pingora::protocols::tls::CaType
         let der = item.map_err(|e| format!("tls.ca_file {}: {e}", path.display()))?;
         let raw = der.as_ref().to_vec();
         // Pingora's parser panics on bad DER: contain it and report instead.
-        let parsed = std::panic::catch_unwind(|| WrappedX509::new(raw, pingora::utils::tls::parse_x509));
+        let parsed =
+            std::panic::catch_unwind(|| WrappedX509::new(raw, pingora::utils::tls::parse_x509));
         match parsed {
             Ok(c) => certs.push(c),
-            Err(_) => return Err(format!("tls.ca_file {}: a certificate is not valid DER", path.display())),
+            Err(_) => {
+                return Err(format!(
+                    "tls.ca_file {}: a certificate is not valid DER",
+                    path.display()
+                ))
+            }
         }
     }
     if certs.is_empty() {
-        return Err(format!("tls.ca_file {}: no PEM certificates found", path.display()));
+        return Err(format!(
+            "tls.ca_file {}: no PEM certificates found",
+            path.display()
+        ));
     }
     Ok(Arc::from(certs.into_boxed_slice()))
 }
@@ -201,7 +294,10 @@ pub async fn start_attempt(
         .ok_or_else(|| Reject::new(Reason::Internal, "backend has no endpoints"))?;
     let base_peer = ep.peer.as_ref().map_err(|why| {
         report.outcome = "connect_error";
-        Reject::new(Reason::UpstreamConnectError, format!("upstream {} unavailable: {why}", ep.url))
+        Reject::new(
+            Reason::UpstreamConnectError,
+            format!("upstream {} unavailable: {why}", ep.url),
+        )
     })?;
     let overridden;
     let peer = match req.connect_timeout {
@@ -217,9 +313,24 @@ pub async fn start_attempt(
     let started = Instant::now();
     let (mut up, reused) = connector.get_http_session(peer).await.map_err(|e| {
         let timed_out = matches!(e.etype(), ErrorType::ConnectTimedout);
-        report.outcome = if timed_out { "timeout" } else { "connect_error" };
-        let reason = if timed_out { Reason::UpstreamTimeout } else { Reason::UpstreamConnectError };
-        Reject::new(reason, format!("could not connect to upstream {}: {}", ep.url, e.etype().as_str()))
+        report.outcome = if timed_out {
+            "timeout"
+        } else {
+            "connect_error"
+        };
+        let reason = if timed_out {
+            Reason::UpstreamTimeout
+        } else {
+            Reason::UpstreamConnectError
+        };
+        Reject::new(
+            reason,
+            format!(
+                "could not connect to upstream {}: {}",
+                ep.url,
+                e.etype().as_str()
+            ),
+        )
     })?;
     report.reused_connection = reused;
 
@@ -239,9 +350,9 @@ pub async fn start_attempt(
         // gets the final one. 101 is final for an upgrade.
         loop {
             up.read_response_header().await?;
-            let interim = up
-                .response_header()
-                .is_some_and(|h| h.status.is_informational() && h.status != http::StatusCode::SWITCHING_PROTOCOLS);
+            let interim = up.response_header().is_some_and(|h| {
+                h.status.is_informational() && h.status != http::StatusCode::SWITCHING_PROTOCOLS
+            });
             if !interim {
                 return pingora::Result::<()>::Ok(());
             }
@@ -262,7 +373,11 @@ pub async fn start_attempt(
             report.outcome = "reset";
             return Err(Reject::new(
                 Reason::UpstreamError,
-                format!("upstream {} failed before the response header: {}", ep.url, e.etype().as_str()),
+                format!(
+                    "upstream {} failed before the response header: {}",
+                    ep.url,
+                    e.etype().as_str()
+                ),
             ));
         }
         Ok(Ok(())) => {}
@@ -285,6 +400,9 @@ pub enum StreamEnd {
     UpstreamBroke,
     /// The client went away.
     ClientGone,
+    /// `streams.max_duration` was reached: the client got a `stream_timeout`
+    /// error event and the response ends abnormally.
+    MaxDuration,
 }
 
 impl StreamEnd {
@@ -293,8 +411,22 @@ impl StreamEnd {
             StreamEnd::Complete => "complete",
             StreamEnd::UpstreamBroke => "upstream_broke",
             StreamEnd::ClientGone => "client_gone",
+            StreamEnd::MaxDuration => "max_duration",
         }
     }
+}
+
+/// Time limits on a body being streamed to the client.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamLimits {
+    /// The longest gap between two chunks (`timeouts.idle`).
+    pub idle: Option<Duration>,
+    /// SSE only: the first token must have arrived by then
+    /// (`timeouts.first_token` when the header was not held for it).
+    pub first_token_due: Option<Instant>,
+    /// The stream is ended here with a `stream_timeout` error event
+    /// (`streams.max_duration`).
+    pub cut_at: Option<Instant>,
 }
 
 /// Stream the upstream body to the client. `on_chunk` sees each chunk (for
@@ -303,12 +435,58 @@ pub async fn stream_body(
     session: &mut Session,
     up: &mut HttpSession,
     is_sse: bool,
+    limits: StreamLimits,
     mut on_chunk: impl FnMut(&Bytes),
 ) -> (StreamEnd, Option<String>) {
+    let idle = limits.idle;
+    let mut first_token = limits
+        .first_token_due
+        .filter(|_| is_sse)
+        .map(|due| (due, super::sse::SseScanner::new()));
     loop {
+        // Wait at most `idle`, and no later than the first token is due.
+        let now = Instant::now();
+        let due = first_token
+            .as_ref()
+            .map(|(d, _)| d.saturating_duration_since(now));
+        let cut = limits.cut_at.map(|c| c.saturating_duration_since(now));
+        let first_token_binds =
+            due.is_some_and(|d| idle.is_none_or(|i| d <= i) && cut.is_none_or(|c| d <= c));
+        let cut_binds = !first_token_binds && cut.is_some_and(|c| idle.is_none_or(|i| c <= i));
+        let limit = if first_token_binds {
+            due
+        } else if cut_binds {
+            cut
+        } else {
+            idle
+        };
+        let read = async {
+            match limit {
+                Some(t) => match tokio::time::timeout(t, up.read_response_body()).await {
+                    Ok(r) => Ok(r),
+                    Err(_) => Err(t),
+                },
+                None => Ok(up.read_response_body().await),
+            }
+        };
         let next = tokio::select! {
             biased;
-            chunk = up.read_response_body() => chunk,
+            chunk = read => match chunk {
+                Ok(c) => c,
+                Err(_) if first_token_binds => {
+                    let why = "upstream sent no first token in time (timeouts.first_token)";
+                    return broke(session, is_sse, why).await;
+                }
+                Err(_) if cut_binds => {
+                    let why = "the stream reached the route's streams.max_duration";
+                    end_with_event(session, is_sse, why, "stream_timeout").await;
+                    return (StreamEnd::MaxDuration, Some(why.to_string()));
+                }
+                Err(t) => {
+                    let why = format!("upstream sent nothing for {}ms (timeouts.idle)", t.as_millis());
+                    return broke(session, is_sse, &why).await;
+                }
+            },
             // The request body was read whole, so any downstream event here
             // means the client closed (or broke protocol): stop at once.
             _ = session.downstream_session.read_body_or_idle(true) => {
@@ -317,18 +495,35 @@ pub async fn stream_body(
         };
         match next {
             Ok(Some(chunk)) => {
+                if let Some((_, scanner)) = first_token.as_mut() {
+                    scanner.feed(&chunk);
+                    if scanner.first_token {
+                        first_token = None;
+                    }
+                }
                 on_chunk(&chunk);
                 if let Err(e) = session.write_response_body(Some(chunk), false).await {
-                    return (StreamEnd::ClientGone, Some(format!("writing to client: {}", e.etype().as_str())));
+                    return (
+                        StreamEnd::ClientGone,
+                        Some(format!("writing to client: {}", e.etype().as_str())),
+                    );
                 }
             }
             Ok(None) => {
                 if !up.response_done() {
-                    return broke(session, is_sse, "upstream closed the connection mid-response").await;
+                    return broke(
+                        session,
+                        is_sse,
+                        "upstream closed the connection mid-response",
+                    )
+                    .await;
                 }
                 return match session.write_response_body(None, true).await {
                     Ok(()) => (StreamEnd::Complete, None),
-                    Err(e) => (StreamEnd::ClientGone, Some(format!("finishing response: {}", e.etype().as_str()))),
+                    Err(e) => (
+                        StreamEnd::ClientGone,
+                        Some(format!("finishing response: {}", e.etype().as_str())),
+                    ),
                 };
             }
             Err(e) => {
@@ -343,24 +538,39 @@ pub async fn stream_body(
 /// event whose data is an OpenAI error object (SDKs raise it), then the caller
 /// ends the response without its terminator so the cut is visible.
 async fn broke(session: &mut Session, is_sse: bool, why: &str) -> (StreamEnd, Option<String>) {
+    end_with_event(session, is_sse, why, "upstream_stream_error").await;
+    (StreamEnd::UpstreamBroke, Some(why.to_string()))
+}
+
+/// Send a final SSE event carrying an OpenAI error object with `code`.
+async fn end_with_event(session: &mut Session, is_sse: bool, why: &str, code: &str) {
     if is_sse {
-        let body = super::reject::error_body(why, "upstream_error", "upstream_stream_error");
+        let body = super::reject::error_body(why, "upstream_error", code);
         let mut event = Vec::with_capacity(body.len() + 16);
         event.extend_from_slice(b"data: ");
         event.extend_from_slice(&body);
         event.extend_from_slice(b"\n\n");
-        let _ = session.write_response_body(Some(Bytes::from(event)), false).await;
+        let _ = session
+            .write_response_body(Some(Bytes::from(event)), false)
+            .await;
     }
-    (StreamEnd::UpstreamBroke, Some(why.to_string()))
 }
 
 /// Give a finished upstream session back to the pool, or close it.
-pub async fn release(connector: &Connector, backend: &BackendRuntime, endpoint: usize, up: HttpSession, reusable: bool) {
+pub async fn release(
+    connector: &Connector,
+    backend: &BackendRuntime,
+    endpoint: usize,
+    up: HttpSession,
+    reusable: bool,
+) {
     let Some(Ok(peer)) = backend.endpoints.get(endpoint).map(|e| e.peer.as_ref()) else {
         return;
     };
     if reusable {
-        connector.release_http_session(up, peer, Some(POOL_IDLE)).await;
+        connector
+            .release_http_session(up, peer, Some(POOL_IDLE))
+            .await;
     } else {
         let mut up = up;
         up.shutdown().await;

@@ -68,7 +68,10 @@ pub fn parse_llm(body: &[u8]) -> Result<Option<(LlmFields, Option<Value>)>, Body
 
 /// Parse a JSON body, also returning the whole document when `keep_value`
 /// (needed by `request.fields` checks on arbitrary paths).
-pub fn parse(body: &[u8], keep_value: bool) -> Result<Option<(LlmFields, Option<Value>)>, BodyError> {
+pub fn parse(
+    body: &[u8],
+    keep_value: bool,
+) -> Result<Option<(LlmFields, Option<Value>)>, BodyError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
@@ -146,7 +149,11 @@ fn fields_of(raw: Raw) -> LlmFields {
 }
 
 /// Apply the route's `max_messages`, `max_prompt_chars` and `fields` checks.
-pub fn check(policy: &RequestPolicy, fields: &LlmFields, doc: Option<&Value>) -> Result<(), BodyError> {
+pub fn check(
+    policy: &RequestPolicy,
+    fields: &LlmFields,
+    doc: Option<&Value>,
+) -> Result<(), BodyError> {
     if let Some(max) = policy.max_messages {
         if fields.message_count > max {
             return Err(BodyError::TooLarge(format!(
@@ -193,7 +200,11 @@ fn check_field(f: &FieldCheck, doc: Option<&Value>) -> Result<(), BodyError> {
         Some(v) => v,
     };
     let Some(s) = v.as_str() else {
-        if f.min_chars.is_some() || f.max_chars.is_some() || f.max_bytes.is_some() || f.format.is_some() {
+        if f.min_chars.is_some()
+            || f.max_chars.is_some()
+            || f.max_bytes.is_some()
+            || f.format.is_some()
+        {
             return Err(BodyError::TooLarge(format!("`{path}` must be a string")));
         }
         return Ok(());
@@ -292,7 +303,9 @@ mod tests {
     #[test]
     fn invalid_json_says_where() {
         let err = parse_llm(b"{\"model\": \"x\",\n \"stream\": tru}").unwrap_err();
-        let BodyError::InvalidJson(msg) = err else { panic!() };
+        let BodyError::InvalidJson(msg) = err else {
+            panic!()
+        };
         assert!(msg.contains("line 2 column"), "{msg}");
         assert!(parse_llm(b"{\"a\":1").is_err());
         assert!(parse_llm(b"[1,2").is_err());
@@ -300,8 +313,14 @@ mod tests {
 
     #[test]
     fn other_json_shapes_are_valid() {
-        assert_eq!(parse_llm(b"[1,2,3]").unwrap().unwrap().0, LlmFields::default());
-        assert_eq!(parse_llm(b"{\"messages\": 3}").unwrap().unwrap().0, LlmFields::default());
+        assert_eq!(
+            parse_llm(b"[1,2,3]").unwrap().unwrap().0,
+            LlmFields::default()
+        );
+        assert_eq!(
+            parse_llm(b"{\"messages\": 3}").unwrap().unwrap().0,
+            LlmFields::default()
+        );
         assert!(parse_llm(b"  ").unwrap().is_none());
     }
 
@@ -309,14 +328,23 @@ mod tests {
     fn message_and_prompt_limits_name_limit_and_size() {
         let mut p = policy();
         p.max_messages = Some(1);
-        let f = LlmFields { message_count: 3, ..Default::default() };
+        let f = LlmFields {
+            message_count: 3,
+            ..Default::default()
+        };
         let e = check(&p, &f, None).unwrap_err().to_string();
         assert!(e.contains("3 messages") && e.contains("limit is 1"), "{e}");
         p.max_messages = None;
         p.max_prompt_chars = Some(10);
-        let f = LlmFields { prompt_chars: 11, ..Default::default() };
+        let f = LlmFields {
+            prompt_chars: 11,
+            ..Default::default()
+        };
         let e = check(&p, &f, None).unwrap_err().to_string();
-        assert!(e.contains("11 characters") && e.contains("limit is 10"), "{e}");
+        assert!(
+            e.contains("11 characters") && e.contains("limit is 10"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -329,14 +357,24 @@ mod tests {
         let mut q = field("query");
         q.max_chars = Some(5);
         p.fields = vec![q];
-        let e = check(&p, &LlmFields::default(), Some(&doc)).unwrap_err().to_string();
-        assert!(e.contains("`query` is 11 characters; the limit is 5"), "{e}");
+        let e = check(&p, &LlmFields::default(), Some(&doc))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`query` is 11 characters; the limit is 5"),
+            "{e}"
+        );
 
         let mut s = field("metadata.sessionId");
         s.format = Some(FieldFormat::Uuid);
         p.fields = vec![s.clone()];
-        let e = check(&p, &LlmFields::default(), Some(&doc)).unwrap_err().to_string();
-        assert!(e.contains("metadata.sessionId") && e.contains("UUID"), "{e}");
+        let e = check(&p, &LlmFields::default(), Some(&doc))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metadata.sessionId") && e.contains("UUID"),
+            "{e}"
+        );
 
         let ok: Value = serde_json::from_str(
             r#"{"metadata":{"sessionId":"123e4567-e89b-12d3-a456-426614174000"}}"#,
@@ -347,13 +385,20 @@ mod tests {
         let mut img = field("image");
         img.max_bytes = Some(4);
         p.fields = vec![img];
-        let e = check(&p, &LlmFields::default(), Some(&doc)).unwrap_err().to_string();
-        assert!(e.contains("8 bytes") && e.contains("limit is 4 bytes"), "{e}");
+        let e = check(&p, &LlmFields::default(), Some(&doc))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("8 bytes") && e.contains("limit is 4 bytes"),
+            "{e}"
+        );
 
         let mut prompt = field("prompt");
         prompt.min_chars = Some(1);
         p.fields = vec![prompt];
-        let e = check(&p, &LlmFields::default(), Some(&doc)).unwrap_err().to_string();
+        let e = check(&p, &LlmFields::default(), Some(&doc))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`prompt` is required"), "{e}");
     }
 

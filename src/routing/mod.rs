@@ -110,9 +110,19 @@ mod tests {
         assert!(matches(&m, &parts(&post, "/v1/chat", None, &none)));
         assert!(!matches(&m, &parts(&get, "/v1/chat", None, &none)));
         assert!(!matches(&m, &parts(&post, "/v2/chat", None, &none)));
-        let e = rm(PathMatch::Exact("/health".into()), &[], Some("api.example.com"));
-        assert!(matches(&e, &parts(&get, "/health", Some("API.example.com:8443"), &none)));
-        assert!(!matches(&e, &parts(&get, "/health/x", Some("api.example.com"), &none)));
+        let e = rm(
+            PathMatch::Exact("/health".into()),
+            &[],
+            Some("api.example.com"),
+        );
+        assert!(matches(
+            &e,
+            &parts(&get, "/health", Some("API.example.com:8443"), &none)
+        ));
+        assert!(!matches(
+            &e,
+            &parts(&get, "/health/x", Some("api.example.com"), &none)
+        ));
         assert!(!matches(&e, &parts(&get, "/health", Some("other"), &none)));
         assert!(!matches(&e, &parts(&get, "/health", None, &none)));
     }

@@ -82,8 +82,9 @@ pub fn init(format: LogFormat) {
         .from_env_lossy();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(super::writer::NonBlocking)
         .with_target(true);
+    super::access::set_format(format);
     let result = match format {
         LogFormat::Json => builder
             .json()

@@ -7,7 +7,12 @@
 //!   by `RUST_LOG`), the `access` and `audit` log targets, and W3C
 //!   `traceparent` parsing for correlating log lines with callers' traces.
 
+pub mod access;
+pub mod admission;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod resilience;
+pub mod writer;
 
 pub use metrics::Metrics;

@@ -178,7 +178,10 @@ impl Floodwall {
                 return m;
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; metrics:\n{m}\nlogs:\n{}", self.logs());
+                panic!(
+                    "timed out waiting for {what}; metrics:\n{m}\nlogs:\n{}",
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -203,7 +206,9 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 }
 
 pub async fn start_mock() -> MockServer {
-    MockServer::start(MockOptions::default()).await.expect("mock starts")
+    MockServer::start(MockOptions::default())
+        .await
+        .expect("mock starts")
 }
 
 /// A response with the arrival time of every body chunk.
@@ -223,8 +228,12 @@ impl Resp {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -236,11 +245,17 @@ impl Resp {
     /// Assert the floodwall error envelope and reason header.
     pub fn assert_floodwall_error(&self, status: u16, reason: &str) {
         assert_eq!(self.status, status, "status; body: {}", self.text());
-        assert_eq!(self.header("x-floodwall-reason"), Some(reason), "reason header");
+        assert_eq!(
+            self.header("x-floodwall-reason"),
+            Some(reason),
+            "reason header"
+        );
         let v = self.json();
         assert_eq!(v["error"]["code"], reason, "error.code in {v}");
         assert!(
-            v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
             "message in {v}"
         );
         assert!(v["error"]["type"].as_str().is_some(), "type in {v}");
@@ -250,7 +265,10 @@ impl Resp {
 pub fn sse_data(text: &str) -> Vec<String> {
     text.split("\n\n")
         .filter_map(|ev| {
-            let data: Vec<&str> = ev.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+            let data: Vec<&str> = ev
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
             (!data.is_empty()).then(|| data.join("\n"))
         })
         .collect()
@@ -314,7 +332,11 @@ impl Client {
         body: &[u8],
     ) -> (HttpSession, Instant) {
         let peer = HttpPeer::new(addr, false, String::new());
-        let (mut s, _) = self.connector.get_http_session(&peer).await.expect("connect");
+        let (mut s, _) = self
+            .connector
+            .get_http_session(&peer)
+            .await
+            .expect("connect");
         let mut req = RequestHeader::build(method, path.as_bytes(), None).unwrap();
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
             req.insert_header("host", addr.to_string()).unwrap();
@@ -323,19 +345,24 @@ impl Client {
             req.append_header(k.to_string(), *v).unwrap();
         }
         if !body.is_empty() || method == "POST" {
-            req.insert_header("content-length", body.len().to_string()).unwrap();
+            req.insert_header("content-length", body.len().to_string())
+                .unwrap();
         }
         let started = Instant::now();
         let t = self.timeout;
         tokio::time::timeout(t, async {
-            s.write_request_header(Box::new(req)).await.expect("write header");
+            s.write_request_header(Box::new(req))
+                .await
+                .expect("write header");
             if !body.is_empty() {
                 s.write_request_body(Bytes::copy_from_slice(body), true)
                     .await
                     .expect("write body");
             }
             s.finish_request_body().await.expect("finish body");
-            s.read_response_header().await.expect("read response header");
+            s.read_response_header()
+                .await
+                .expect("read response header");
         })
         .await
         .expect("response header within the client timeout");
@@ -507,12 +534,17 @@ pub fn mock_url(mock: &MockServer) -> String {
 
 /// An absolute path under `tests/fixtures`.
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A tiny upstream that answers every request with the same raw bytes
@@ -592,7 +624,11 @@ async fn fixed_upstream_with(response: &[u8], close: bool) -> FixedUpstream {
             });
         }
     });
-    FixedUpstream { addr, requests, task }
+    FixedUpstream {
+        addr,
+        requests,
+        task,
+    }
 }
 
 /// A raw TCP connection to `addr` with a bounded read of one response head.
@@ -604,10 +640,11 @@ pub struct RawConn {
 
 impl RawConn {
     pub async fn connect(addr: SocketAddr) -> RawConn {
-        let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-            .await
-            .expect("connect within 5s")
-            .expect("connect");
+        let stream =
+            tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+                .await
+                .expect("connect within 5s")
+                .expect("connect");
         RawConn {
             stream,
             rest: Vec::new(),
@@ -682,7 +719,10 @@ impl RawConn {
 
 /// The status code of a raw response head.
 pub fn head_status(head: &str) -> u16 {
-    head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A header of a raw response head (case-insensitive name).

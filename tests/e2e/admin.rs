@@ -48,7 +48,9 @@ fn parse_labels(s: &str) -> Result<(BTreeMap<String, String>, &str), String> {
         if !valid_name(name, false) {
             return Err(format!("bad label name `{name}`"));
         }
-        rest = rest[eq + 1..].strip_prefix('"').ok_or("label value not quoted")?;
+        rest = rest[eq + 1..]
+            .strip_prefix('"')
+            .ok_or("label value not quoted")?;
         let mut value = String::new();
         let mut chars = rest.char_indices();
         let end = loop {
@@ -98,7 +100,9 @@ fn parse_exposition(text: &str) -> Result<HashMap<String, Family>, String> {
             continue;
         }
         if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').ok_or_else(|| at("TYPE without a type".into()))?;
+            let (name, kind) = rest
+                .split_once(' ')
+                .ok_or_else(|| at("TYPE without a type".into()))?;
             if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
                 return Err(at(format!("unknown type `{kind}`")));
             }
@@ -142,7 +146,8 @@ fn parse_exposition(text: &str) -> Result<HashMap<String, Family>, String> {
         .find(|f| {
             fams.get(*f).is_some_and(|fam| {
                 let suffixed = *f != name;
-                !fam.kind.is_empty() && (!suffixed || fam.kind == "histogram" || fam.kind == "summary")
+                !fam.kind.is_empty()
+                    && (!suffixed || fam.kind == "histogram" || fam.kind == "summary")
             })
         })
         .ok_or_else(|| at("sample without a TYPE".into()))?
@@ -174,8 +179,13 @@ fn check_histogram(name: &str, fam: &Family) -> Result<(), String> {
     for s in &fam.samples {
         if s.name == format!("{name}_bucket") {
             let mut key = s.labels.clone();
-            let le = key.remove("le").ok_or_else(|| format!("{name}: bucket without `le`"))?;
-            series.entry(key).or_default().push((parse_value(&le)?, s.value));
+            let le = key
+                .remove("le")
+                .ok_or_else(|| format!("{name}: bucket without `le`"))?;
+            series
+                .entry(key)
+                .or_default()
+                .push((parse_value(&le)?, s.value));
         } else if s.name == format!("{name}_count") {
             counts.insert(s.labels.clone(), s.value);
         } else if s.name != format!("{name}_sum") {
@@ -188,14 +198,18 @@ fn check_histogram(name: &str, fam: &Family) -> Result<(), String> {
             return Err(format!("{name}{labels:?}: `le` not increasing: {les:?}"));
         }
         if buckets.windows(2).any(|w| w[0].1 > w[1].1) {
-            return Err(format!("{name}{labels:?}: buckets not cumulative: {buckets:?}"));
+            return Err(format!(
+                "{name}{labels:?}: buckets not cumulative: {buckets:?}"
+            ));
         }
         let last = buckets.last().unwrap();
         if last.0 != f64::INFINITY {
             return Err(format!("{name}{labels:?}: last bucket is not +Inf"));
         }
         if counts.get(labels) != Some(&last.1) {
-            return Err(format!("{name}{labels:?}: _count differs from the +Inf bucket"));
+            return Err(format!(
+                "{name}{labels:?}: _count differs from the +Inf bucket"
+            ));
         }
     }
     Ok(())
@@ -270,7 +284,9 @@ async fn health_probes_answer_200_once_started() {
     let ready = client.get(fw.admin, "/health/ready").await;
     assert_eq!(ready.status, 200);
     assert_eq!(
-        ready.header("content-type").map(|c| c.starts_with("application/json")),
+        ready
+            .header("content-type")
+            .map(|c| c.starts_with("application/json")),
         Some(true)
     );
     let v = ready.json();
@@ -343,7 +359,10 @@ routes:
         .await;
     assert_eq!(good.status, 200);
     assert_eq!(good.json()["admin"]["auth_required"], true);
-    assert!(!good.text().contains("s3cret-token"), "the token is never shown");
+    assert!(
+        !good.text().contains("s3cret-token"),
+        "the token is never shown"
+    );
 
     assert_eq!(client.get(fw.admin, "/metrics").await.status, 200);
     assert_eq!(client.get(fw.admin, "/health/ready").await.status, 200);

@@ -92,12 +92,19 @@ routes:
             Some((line.parse().ok()?, col.parse().ok()?, rest))
         })
         .collect();
-    assert_eq!(errors.len(), 3, "expected three `file:line:column` errors:\n{stderr}");
+    assert_eq!(
+        errors.len(),
+        3,
+        "expected three `file:line:column` errors:\n{stderr}"
+    );
     let lines: Vec<usize> = errors.iter().map(|e| e.0).collect();
     assert_eq!(lines, [4, 8, 12], "{stderr}");
     assert!(errors.iter().all(|e| e.1 > 0));
     assert!(errors[0].2.starts_with("server.threads:"), "{stderr}");
-    assert!(errors[1].2.starts_with("backends.main.timeouts.connect:"), "{stderr}");
+    assert!(
+        errors[1].2.starts_with("backends.main.timeouts.connect:"),
+        "{stderr}"
+    );
     assert!(errors[2].2.starts_with("routes[0].backend:"), "{stderr}");
 }
 

@@ -33,14 +33,20 @@ async fn preflight_is_answered_with_204() {
         .await;
     assert_eq!(r.status, 204);
     assert_eq!(r.header("access-control-allow-origin"), Some(ORIGIN));
-    let methods = r.header("access-control-allow-methods").expect("allow-methods");
+    let methods = r
+        .header("access-control-allow-methods")
+        .expect("allow-methods");
     assert!(methods.contains("POST"), "{methods}");
     assert_eq!(
         r.header("access-control-allow-headers"),
         Some("authorization, content-type, x-request-id")
     );
     assert!(r.body.is_empty());
-    assert_eq!(mock.stats().requests, 0, "a preflight never reaches the backend");
+    assert_eq!(
+        mock.stats().requests,
+        0,
+        "a preflight never reaches the backend"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +98,10 @@ async fn disallowed_origin_gets_no_cors_headers() {
             .keys()
             .filter(|k| k.as_str().starts_with("access-control-"))
             .collect();
-        assert!(cors.is_empty(), "CORS headers for a disallowed origin: {cors:?}");
+        assert!(
+            cors.is_empty(),
+            "CORS headers for a disallowed origin: {cors:?}"
+        );
     }
 }
 
@@ -131,5 +140,8 @@ async fn cors_vary_is_merged_with_the_upstreams_vary() {
         vary.contains(&"accept-encoding".to_string()),
         "upstream's Vary kept: {vary:?}"
     );
-    assert!(vary.contains(&"origin".to_string()), "Vary: Origin added: {vary:?}");
+    assert!(
+        vary.contains(&"origin".to_string()),
+        "Vary: Origin added: {vary:?}"
+    );
 }

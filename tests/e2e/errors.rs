@@ -14,7 +14,10 @@ async fn refused_connection_gets_502_upstream_connect_error() {
     r.assert_floodwall_error(502, "upstream_connect_error");
     let m = fw.metrics().await;
     assert_eq!(
-        metric(&m, "floodwall_local_responses_total{reason=\"upstream_connect_error\"}"),
+        metric(
+            &m,
+            "floodwall_local_responses_total{reason=\"upstream_connect_error\"}"
+        ),
         Some(1.0)
     );
 }
@@ -27,7 +30,13 @@ async fn silent_upstream_gets_504_after_response_headers_timeout() {
     let fw = Floodwall::start(&policy(&mock_url(&mock), routes)).await;
     let started = Instant::now();
     let r = Client::new()
-        .send(fw.addr, "GET", "/v1/models", &[("x-mock-fault", "hang=1")], b"")
+        .send(
+            fw.addr,
+            "GET",
+            "/v1/models",
+            &[("x-mock-fault", "hang=1")],
+            b"",
+        )
         .await;
     let took = started.elapsed();
     r.assert_floodwall_error(504, "upstream_timeout");
@@ -42,7 +51,13 @@ async fn upstream_reset_gets_502_upstream_error() {
     let mock = start_mock().await;
     let fw = Floodwall::start(&policy(&mock_url(&mock), ROUTE_ALL)).await;
     let r = Client::new()
-        .send(fw.addr, "GET", "/v1/models", &[("x-mock-fault", "reset=1")], b"")
+        .send(
+            fw.addr,
+            "GET",
+            "/v1/models",
+            &[("x-mock-fault", "reset=1")],
+            b"",
+        )
         .await;
     r.assert_floodwall_error(502, "upstream_error");
     assert_eq!(mock.stats().attempts("reset=1")[0].outcome, "reset");
@@ -58,7 +73,10 @@ async fn stream_cut_midway_ends_with_an_error_event_and_no_terminator() {
             fw.addr,
             "POST",
             "/v1/chat/completions",
-            &[("content-type", "application/json"), ("x-mock-fault", "cut_after=2")],
+            &[
+                ("content-type", "application/json"),
+                ("x-mock-fault", "cut_after=2"),
+            ],
             body.as_bytes(),
         )
         .await;
@@ -100,7 +118,10 @@ async fn client_disconnect_mid_stream_releases_the_upstream_and_the_request() {
         .expect("first event");
     assert!(first.is_some_and(|c| c.starts_with(b"data: ")));
     let m = fw.metrics().await;
-    assert_eq!(metric(&m, "floodwall_requests_active{route=\"all\"}"), Some(1.0));
+    assert_eq!(
+        metric(&m, "floodwall_requests_active{route=\"all\"}"),
+        Some(1.0)
+    );
     drop(s);
     let dropped = Instant::now();
 
@@ -132,22 +153,29 @@ async fn client_disconnect_before_the_response_header_cancels_the_upstream_reque
     let mut c = RawConn::connect(fw.addr).await;
     c.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-mock-fault: latency=5s\r\n\r\n")
         .await;
-    eventually("the request to reach the mock", Duration::from_secs(3), || async {
-        (mock.stats().requests == 1).then_some(())
-    })
+    eventually(
+        "the request to reach the mock",
+        Duration::from_secs(3),
+        || async { (mock.stats().requests == 1).then_some(()) },
+    )
     .await;
     drop(c);
     let dropped = Instant::now();
-    eventually("the mock to see floodwall give up", Duration::from_secs(3), || async {
-        (!mock.stats().disconnects.is_empty()).then_some(())
-    })
+    eventually(
+        "the mock to see floodwall give up",
+        Duration::from_secs(3),
+        || async { (!mock.stats().disconnects.is_empty()).then_some(()) },
+    )
     .await;
     assert!(
         dropped.elapsed() < Duration::from_millis(1500),
         "noticed after {:?}",
         dropped.elapsed()
     );
-    assert_eq!(mock.stats().attempts("latency=5s")[0].outcome, "disconnected");
+    assert_eq!(
+        mock.stats().attempts("latency=5s")[0].outcome,
+        "disconnected"
+    );
     let m = fw
         .wait_metrics("floodwall_requests_active to return to 0", |m| {
             metric(m, "floodwall_requests_active{route=\"all\"}") == Some(0.0)
@@ -169,6 +197,9 @@ async fn stalled_request_body_gets_408() {
         .await;
     let head = c.read_head(Duration::from_secs(70)).await;
     assert_eq!(head_status(&head), 408, "{head}");
-    assert_eq!(head_header(&head, "x-floodwall-reason"), Some("request_timeout"));
+    assert_eq!(
+        head_header(&head, "x-floodwall-reason"),
+        Some("request_timeout")
+    );
     assert_eq!(mock.stats().requests, 0);
 }

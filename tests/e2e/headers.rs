@@ -9,7 +9,10 @@ const ROUTE_ALL: &str = "  - name: all\n    match: { path_prefix: / }\n    backe
 /// The headers the mock's echo endpoint saw.
 fn upstream_headers(r: &Resp) -> serde_json::Map<String, Value> {
     assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["headers"].as_object().cloned().expect("echo headers")
+    r.json()["headers"]
+        .as_object()
+        .cloned()
+        .expect("echo headers")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,7 +20,13 @@ async fn incoming_request_id_is_passed_upstream_and_echoed() {
     let mock = start_mock().await;
     let fw = Floodwall::start(&policy(&mock_url(&mock), ROUTE_ALL)).await;
     let r = Client::new()
-        .send(fw.addr, "GET", "/echo", &[("x-request-id", "req-abc-123")], b"")
+        .send(
+            fw.addr,
+            "GET",
+            "/echo",
+            &[("x-request-id", "req-abc-123")],
+            b"",
+        )
         .await;
     assert_eq!(upstream_headers(&r)["x-request-id"], "req-abc-123");
     assert_eq!(r.header("x-request-id"), Some("req-abc-123"));
@@ -124,7 +133,10 @@ async fn forwarded_for_from_a_trusted_peer_is_appended() {
             fw.addr,
             "GET",
             "/echo",
-            &[("x-forwarded-for", "203.0.113.7"), ("x-forwarded-proto", "https")],
+            &[
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-proto", "https"),
+            ],
             b"",
         )
         .await;
@@ -150,7 +162,10 @@ async fn forwarded_headers_from_an_untrusted_peer_are_replaced() {
             fw.addr,
             "GET",
             "/echo",
-            &[("x-forwarded-for", "203.0.113.7"), ("x-forwarded-proto", "https")],
+            &[
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-proto", "https"),
+            ],
             b"",
         )
         .await;

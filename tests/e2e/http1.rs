@@ -28,7 +28,8 @@ async fn chunked_request_body_is_forwarded_intact() {
         .expect("content-length")
         .parse()
         .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&c.read_exact(len, Duration::from_secs(5)).await).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&c.read_exact(len, Duration::from_secs(5)).await).unwrap();
     assert_eq!(v["body_len"], body.len());
     assert_eq!(v["body_sha256"], sha256_hex(body));
     assert!(
@@ -57,7 +58,11 @@ async fn expect_continue_gets_100_then_the_upstream_answer() {
     assert_eq!(head_status(&interim), 100, "{interim}");
     c.write(body).await;
     let head = c.read_head(Duration::from_secs(5)).await;
-    assert_eq!(head_status(&head), 200, "the final answer follows the 100: {head}");
+    assert_eq!(
+        head_status(&head),
+        200,
+        "the final answer follows the 100: {head}"
+    );
     let len: usize = head_header(&head, "content-length")
         .expect("content-length")
         .parse()
@@ -77,7 +82,10 @@ async fn expect_continue_over_max_body_gets_413_without_100() {
         .await;
     let head = c.read_head(Duration::from_secs(5)).await;
     assert_eq!(head_status(&head), 413, "{head}");
-    assert_eq!(head_header(&head, "x-floodwall-reason"), Some("body_too_large"));
+    assert_eq!(
+        head_header(&head, "x-floodwall-reason"),
+        Some("body_too_large")
+    );
     assert_eq!(mock.stats().requests, 0);
 }
 
@@ -139,5 +147,9 @@ async fn http10_client_gets_an_unchunked_stream_ended_by_close() {
     let raw = String::from_utf8(c.read_to_end(Duration::from_secs(5)).await).unwrap();
     assert!(raw.starts_with("data: {"), "no chunk-size line: {raw:?}");
     assert!(raw.ends_with("data: [DONE]\n\n"), "{raw:?}");
-    assert_eq!(sse_data(&raw).len(), 5, "role, two words, finish, [DONE]: {raw:?}");
+    assert_eq!(
+        sse_data(&raw).len(),
+        5,
+        "role, two words, finish, [DONE]: {raw:?}"
+    );
 }

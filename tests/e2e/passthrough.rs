@@ -22,7 +22,12 @@ async fn json_response_passes_through_byte_for_byte() {
         .post_json(fw.addr, "/v1/chat/completions", &chat_body("hi", false))
         .await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.body.as_ref(), body.as_bytes(), "body differs: {:?}", r.text());
+    assert_eq!(
+        r.body.as_ref(),
+        body.as_bytes(),
+        "body differs: {:?}",
+        r.text()
+    );
     assert!(r.complete);
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.header("x-upstream"), Some("fixed"));
@@ -60,7 +65,12 @@ async fn chunked_sse_response_passes_through_byte_for_byte() {
         .post_json(fw.addr, "/v1/chat/completions", &chat_body("hi", true))
         .await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.body.as_ref(), body.as_slice(), "body differs: {:?}", r.text());
+    assert_eq!(
+        r.body.as_ref(),
+        body.as_slice(),
+        "body differs: {:?}",
+        r.text()
+    );
     assert!(r.complete, "a finished stream ends with its terminator");
     assert_eq!(r.header("content-type"), Some("text/event-stream"));
     assert_eq!(r.sse_data().last().map(String::as_str), Some("[DONE]"));
@@ -70,7 +80,11 @@ async fn chunked_sse_response_passes_through_byte_for_byte() {
 fn is_content_event(data: &str) -> bool {
     serde_json::from_str::<Value>(data)
         .ok()
-        .and_then(|v| v["choices"][0]["delta"]["content"].as_str().map(|s| !s.is_empty()))
+        .and_then(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(|s| !s.is_empty())
+        })
         .unwrap_or(false)
 }
 
@@ -99,7 +113,10 @@ async fn sse_events_reach_the_client_as_they_are_produced() {
     for (t, c) in &r.chunks {
         text.push_str(&String::from_utf8_lossy(c));
         let complete_events = &text[..text.rfind("\n\n").map_or(0, |i| i + 2)];
-        let n = sse_data(complete_events).iter().filter(|d| is_content_event(d)).count();
+        let n = sse_data(complete_events)
+            .iter()
+            .filter(|d| is_content_event(d))
+            .count();
         while arrivals.len() < n {
             arrivals.push(*t);
         }
@@ -122,7 +139,9 @@ async fn large_prompt_passes_through_intact() {
     let mock = start_mock().await;
     let routes = "  - name: all\n    match: { path_prefix: / }\n    backend: main\n    request: { max_body: 1MiB }\n";
     let fw = Floodwall::start(&policy(&mock_url(&mock), routes)).await;
-    let prompt: String = (0..500 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let prompt: String = (0..500 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
     let body = json!({"model": "m", "messages": [{"role": "user", "content": prompt}]}).to_string();
     assert!(body.len() > 500 * 1024);
     let r = Client::new()

@@ -23,15 +23,22 @@ impl Two {
 
     /// Both backends defined; the route uses `backend`.
     fn policy(&self, backend: &str) -> String {
-        let routes = format!("  - name: chat\n    match: {{ path_prefix: / }}\n    backend: {backend}\n");
-        policy_with("", &[("a", &mock_url(&self.a)), ("b", &mock_url(&self.b))], &routes)
+        let routes =
+            format!("  - name: chat\n    match: {{ path_prefix: / }}\n    backend: {backend}\n");
+        policy_with(
+            "",
+            &[("a", &mock_url(&self.a)), ("b", &mock_url(&self.b))],
+            &routes,
+        )
     }
 }
 
 async fn backend_of(fw: &Floodwall) -> String {
     let r = Client::new().get(fw.addr, "/v1/models").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    r.header("x-floodwall-backend").unwrap_or_default().to_string()
+    r.header("x-floodwall-backend")
+        .unwrap_or_default()
+        .to_string()
 }
 
 async fn wait_for_backend(fw: &Floodwall, want: &str) {
@@ -65,9 +72,15 @@ async fn broken_edit_keeps_the_old_policy_serving() {
             .replace("routes:", "routes: [oops")
             .replace("threads: 2", "threads: 0"),
     );
-    fw.wait_metrics("a failed reload", |m| metric(m, ERROR).unwrap_or(0.0) >= 1.0)
-        .await;
-    assert_eq!(backend_of(&fw).await, "a", "the previous policy still serves");
+    fw.wait_metrics("a failed reload", |m| {
+        metric(m, ERROR).unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    assert_eq!(
+        backend_of(&fw).await,
+        "a",
+        "the previous policy still serves"
+    );
     let m = fw.metrics().await;
     assert_eq!(metric(&m, OK), Some(0.0));
     assert_eq!(two.b.stats().requests, 0);
@@ -91,7 +104,11 @@ async fn stream_in_flight_completes_across_a_reload() {
         )
         .await;
     assert_eq!(
-        s.response_header().unwrap().headers.get("x-floodwall-backend").unwrap(),
+        s.response_header()
+            .unwrap()
+            .headers
+            .get("x-floodwall-backend")
+            .unwrap(),
         "a"
     );
     let first = tokio::time::timeout(Duration::from_secs(5), s.read_response_body())
@@ -103,7 +120,11 @@ async fn stream_in_flight_completes_across_a_reload() {
     fw.write_policy(&two.policy("b"));
     fw.wait_metrics("the reload", |m| metric(m, OK).unwrap_or(0.0) >= 1.0)
         .await;
-    assert_eq!(backend_of(&fw).await, "b", "new requests use the new policy");
+    assert_eq!(
+        backend_of(&fw).await,
+        "b",
+        "new requests use the new policy"
+    );
 
     let rest = read_all(&mut s, started, Duration::from_secs(10)).await;
     assert!(rest.complete, "the stream finished cleanly");
@@ -113,16 +134,21 @@ async fn stream_in_flight_completes_across_a_reload() {
     let content = data
         .iter()
         .filter(|d| {
-            serde_json::from_str::<serde_json::Value>(d).ok().is_some_and(|v| {
-                v["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .is_some_and(|c| !c.is_empty())
-            })
+            serde_json::from_str::<serde_json::Value>(d)
+                .ok()
+                .is_some_and(|v| {
+                    v["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .is_some_and(|c| !c.is_empty())
+                })
         })
         .count();
     assert_eq!(content, 10, "{text}");
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    assert_eq!(two.a.stats().attempts("chunk_delay=200ms;chunks=10")[0].outcome, "ok");
+    assert_eq!(
+        two.a.stats().attempts("chunk_delay=200ms;chunks=10")[0].outcome,
+        "ok"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,7 +34,10 @@ async fn setup() -> (MockServer, Floodwall) {
 }
 
 fn message(r: &Resp) -> String {
-    r.json()["error"]["message"].as_str().unwrap_or_default().to_string()
+    r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn assert_mentions(msg: &str, parts: &[&str]) {
@@ -70,7 +73,8 @@ async fn body_over_max_body_gets_413() {
 async fn chunked_body_over_max_body_gets_413() {
     let (mock, fw) = setup().await;
     let mut c = RawConn::connect(fw.addr).await;
-    let mut req = b"POST /small/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let mut req =
+        b"POST /small/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     for _ in 0..3 {
         req.extend_from_slice(b"400\r\n");
         req.extend_from_slice(&[b'y'; 0x400]);
@@ -80,7 +84,10 @@ async fn chunked_body_over_max_body_gets_413() {
     c.write(&req).await;
     let head = c.read_head(Duration::from_secs(5)).await;
     assert_eq!(head_status(&head), 413, "{head}");
-    assert_eq!(head_header(&head, "x-floodwall-reason"), Some("body_too_large"));
+    assert_eq!(
+        head_header(&head, "x-floodwall-reason"),
+        Some("body_too_large")
+    );
     assert_eq!(mock.stats().requests, 0);
 }
 
@@ -123,7 +130,11 @@ async fn too_many_messages_gets_400_naming_limit_and_size() {
 async fn long_prompt_gets_400_naming_limit_and_size() {
     let (_mock, fw) = setup().await;
     let r = Client::new()
-        .post_json(fw.addr, "/v1/chat/completions", &chat_body(&"z".repeat(150), false))
+        .post_json(
+            fw.addr,
+            "/v1/chat/completions",
+            &chat_body(&"z".repeat(150), false),
+        )
         .await;
     r.assert_floodwall_error(400, "request_too_large");
     assert_mentions(&message(&r), &["prompt", "150", "100"]);
@@ -141,7 +152,11 @@ async fn field_checks_name_the_field_limit_and_size() {
     let good_uuid = "123e4567-e89b-12d3-a456-426614174000";
 
     let r = client
-        .post_json(fw.addr, "/search", &json!({"query": "q".repeat(25), "prompt": "p"}))
+        .post_json(
+            fw.addr,
+            "/search",
+            &json!({"query": "q".repeat(25), "prompt": "p"}),
+        )
         .await;
     r.assert_floodwall_error(400, "request_too_large");
     assert_mentions(&message(&r), &["query", "25", "20"]);

@@ -29,7 +29,9 @@ async fn routed() -> (MockServer, Floodwall) {
 }
 
 async fn backend_for(fw: &Floodwall, method: &str, path: &str, headers: &[(&str, &str)]) -> String {
-    let r = Client::new().send(fw.addr, method, path, headers, b"").await;
+    let r = Client::new()
+        .send(fw.addr, method, path, headers, b"")
+        .await;
     assert_eq!(r.status, 200, "{method} {path}: {}", r.text());
     r.header("x-floodwall-backend")
         .expect("x-floodwall-backend")
@@ -43,7 +45,10 @@ async fn first_matching_route_wins() {
     // POST would match `posts` too, but `exact` comes first.
     assert_eq!(backend_for(&fw, "POST", "/v1/special", &[]).await, "exact");
     // An exact path does not match as a prefix.
-    assert_eq!(backend_for(&fw, "GET", "/v1/special/more", &[]).await, "general");
+    assert_eq!(
+        backend_for(&fw, "GET", "/v1/special/more", &[]).await,
+        "general"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +75,13 @@ async fn header_match_selects_the_route() {
 async fn host_match_ignores_port_and_case() {
     let (_mock, fw) = routed().await;
     assert_eq!(
-        backend_for(&fw, "GET", "/v1/echo", &[("host", "Internal.Example.com:8080")]).await,
+        backend_for(
+            &fw,
+            "GET",
+            "/v1/echo",
+            &[("host", "Internal.Example.com:8080")]
+        )
+        .await,
         "internal"
     );
     assert_eq!(
@@ -84,7 +95,10 @@ async fn unmatched_request_gets_404_no_route() {
     let (mock, fw) = routed().await;
     let r = Client::new().get(fw.addr, "/elsewhere").await;
     r.assert_floodwall_error(404, "no_route");
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("/elsewhere"));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/elsewhere"));
     assert!(r.header("x-request-id").is_some());
     assert_eq!(mock.stats().requests, 0, "nothing reached the backend");
 }
@@ -98,7 +112,11 @@ async fn strip_prefix_rewrites_the_path_and_keeps_the_query() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["object"], "list", "the mock's /v1/models answered");
     let stats = mock.stats();
-    let paths: Vec<&str> = stats.attempts("default").iter().map(|a| a.path.as_str()).collect();
+    let paths: Vec<&str> = stats
+        .attempts("default")
+        .iter()
+        .map(|a| a.path.as_str())
+        .collect();
     assert_eq!(paths, ["/v1/models?x=1"]);
 }
 

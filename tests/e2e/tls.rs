@@ -48,7 +48,10 @@ async fn https_backend_verified_with_the_configured_ca() {
     assert_eq!(r.status, 200, "{}\n{}", r.text(), fw.logs());
     let v = r.json();
     assert_eq!(v["path"], "/echo");
-    assert_eq!(v["headers"]["host"], format!("localhost:{}", mock.addr().port()));
+    assert_eq!(
+        v["headers"]["host"],
+        format!("localhost:{}", mock.addr().port())
+    );
     assert_eq!(r.header("x-floodwall-backend"), Some("secure"));
 }
 

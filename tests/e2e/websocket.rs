@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use crate::common::*;
 
-const UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+const UPGRADE: &[u8] =
+    b"GET /ws HTTP/1.1\r\nHost: example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,7 +39,8 @@ async fn websocket_upgrade_passes_through_and_echoes_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_round_robin_with_each_endpoints_host() {
-    let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    let answer =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
     let a = fixed_upstream(answer).await;
     let b = fixed_upstream(answer).await;
     let p = format!(
@@ -69,8 +71,16 @@ routes:
         let seen = up.requests.lock().unwrap();
         assert_eq!(seen.len(), 1, "one upgrade per endpoint");
         let head = String::from_utf8_lossy(&seen[0]).into_owned();
-        assert_eq!(head_header(&head, "host"), Some(up.addr.to_string().as_str()), "{head}");
-        assert_eq!(head_header(&head, "x-forwarded-for"), Some("127.0.0.1"), "{head}");
+        assert_eq!(
+            head_header(&head, "host"),
+            Some(up.addr.to_string().as_str()),
+            "{head}"
+        );
+        assert_eq!(
+            head_header(&head, "x-forwarded-for"),
+            Some("127.0.0.1"),
+            "{head}"
+        );
     }
 }
 
@@ -83,7 +93,10 @@ async fn websocket_backend_refusing_gets_502_upstream_connect_error() {
     c.write(UPGRADE).await;
     let head = c.read_head(Duration::from_secs(5)).await;
     assert_eq!(head_status(&head), 502, "{head}");
-    assert_eq!(head_header(&head, "x-floodwall-reason"), Some("upstream_connect_error"));
+    assert_eq!(
+        head_header(&head, "x-floodwall-reason"),
+        Some("upstream_connect_error")
+    );
     let body = c.read_to_end(Duration::from_secs(5)).await;
     let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON error body");
     assert_eq!(v["error"]["code"], "upstream_connect_error");

@@ -1,0 +1,217 @@
+//! The access log: one line per finished request, on the `access` target.
+//!
+//! It is formatted by hand (JSON or text, following `--log-format`) and
+//! queued on the non-blocking writer, because it is the one log line every
+//! request pays for: through `tracing`'s generic formatter it cost about a
+//! third of floodwall's overhead over a bare Pingora proxy (BENCHMARKS.md).
+//! It still honours `RUST_LOG` (`access=off` silences it).
+//!
+//! Never logged: `Authorization`, API keys, bodies.
+
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+
+use super::logging::LogFormat;
+
+static FORMAT: OnceLock<LogFormat> = OnceLock::new();
+
+pub(crate) fn set_format(f: LogFormat) {
+    let _ = FORMAT.set(f);
+}
+
+/// One request's access-log fields.
+pub struct AccessLine<'a> {
+    pub request_id: &'a str,
+    pub trace_id: &'a str,
+    pub method: &'a str,
+    pub route: &'a str,
+    pub backend: &'a str,
+    pub status: u16,
+    pub latency_ms: f64,
+    pub attempts: u32,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub reason: &'a str,
+    pub stream_end: &'a str,
+    pub user: &'a str,
+    pub tokens: u64,
+    pub usage: &'a str,
+    pub error: &'a str,
+}
+
+/// Whether the access log is on (`RUST_LOG` may turn the target off).
+pub fn enabled() -> bool {
+    tracing::enabled!(target: "access", tracing::Level::INFO)
+}
+
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Format the line (without the trailing newline).
+pub fn format(line: &AccessLine<'_>, format: LogFormat, timestamp: &str) -> String {
+    let mut o = String::with_capacity(384);
+    match format {
+        LogFormat::Json => {
+            o.push_str("{\"timestamp\":");
+            json_str(&mut o, timestamp);
+            o.push_str(",\"level\":\"INFO\",\"target\":\"access\"");
+            let strs: [(&str, &str); 10] = [
+                ("request_id", line.request_id),
+                ("trace_id", line.trace_id),
+                ("method", line.method),
+                ("route", line.route),
+                ("backend", line.backend),
+                ("reason", line.reason),
+                ("stream_end", line.stream_end),
+                ("user", line.user),
+                ("usage", line.usage),
+                ("error", line.error),
+            ];
+            for (k, v) in strs {
+                if !v.is_empty() || matches!(k, "request_id" | "route") {
+                    let _ = write!(o, ",\"{k}\":");
+                    json_str(&mut o, v);
+                }
+            }
+            let _ = write!(
+                o,
+                ",\"status\":{},\"latency_ms\":{:.3},\"attempts\":{},\"bytes_in\":{},\"bytes_out\":{},\"tokens\":{}}}",
+                line.status, line.latency_ms, line.attempts, line.bytes_in, line.bytes_out, line.tokens
+            );
+        }
+        LogFormat::Text => {
+            let _ = write!(
+                o,
+                "{timestamp}  INFO access: request_id={} method={} route={} backend={} status={} latency_ms={:.3} attempts={} bytes_in={} bytes_out={}",
+                line.request_id, line.method, line.route, line.backend, line.status, line.latency_ms, line.attempts, line.bytes_in, line.bytes_out
+            );
+            for (k, v) in [
+                ("trace_id", line.trace_id),
+                ("reason", line.reason),
+                ("stream_end", line.stream_end),
+                ("user", line.user),
+                ("usage", line.usage),
+            ] {
+                if !v.is_empty() {
+                    let _ = write!(o, " {k}={v}");
+                }
+            }
+            if line.tokens > 0 {
+                let _ = write!(o, " tokens={}", line.tokens);
+            }
+            if !line.error.is_empty() {
+                let _ = write!(o, " error={:?}", line.error);
+            }
+        }
+    }
+    o
+}
+
+/// RFC 3339 UTC timestamp with microseconds, without a date crate.
+pub fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        now.subsec_micros()
+    )
+}
+
+/// Emit the line, if the access log is on.
+pub fn emit(line: &AccessLine<'_>) {
+    if !enabled() {
+        return;
+    }
+    let f = FORMAT.get().copied().unwrap_or_default();
+    let mut s = format(line, f, &now_rfc3339());
+    s.push('\n');
+    super::writer::send(s.into_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line() -> AccessLine<'static> {
+        AccessLine {
+            request_id: "abc",
+            trace_id: "",
+            method: "POST",
+            route: "chat",
+            backend: "mock",
+            status: 200,
+            latency_ms: 1.5,
+            attempts: 1,
+            bytes_in: 10,
+            bytes_out: 20,
+            reason: "",
+            stream_end: "complete",
+            user: "u\"1",
+            tokens: 0,
+            usage: "",
+            error: "",
+        }
+    }
+
+    #[test]
+    fn json_line_parses_and_escapes() {
+        let s = format(&line(), LogFormat::Json, "2026-01-01T00:00:00.000000Z");
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["target"], "access");
+        assert_eq!(v["request_id"], "abc");
+        assert_eq!(v["user"], "u\"1");
+        assert_eq!(v["status"], 200);
+        assert!(v.get("trace_id").is_none());
+    }
+
+    #[test]
+    fn text_line_has_the_fields() {
+        let s = format(&line(), LogFormat::Text, "T");
+        assert!(
+            s.contains("route=chat")
+                && s.contains("status=200")
+                && s.contains("stream_end=complete"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn timestamp_is_rfc3339() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), 27, "{t}");
+        assert!(t.ends_with('Z') && t.as_bytes()[10] == b'T');
+    }
+}
