@@ -20,6 +20,7 @@ pub mod reload;
 pub mod request;
 pub mod routing;
 pub mod server;
+pub mod shutdown;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -99,6 +99,13 @@ pub fn run_snapshot(snapshot: Snapshot, opts: RunOptions) -> Result<(), String> 
     let reloader = Arc::new(Reloader::new(shared.clone(), opts.config.clone()));
     server.add_service(background_service("policy reload", ReloadService(reloader)));
     server.add_service(background_service(
+        "shutdown",
+        crate::shutdown::ShutdownService {
+            state: shared.shutdown.clone(),
+            grace,
+        },
+    ));
+    server.add_service(background_service(
         "start-up",
         Startup {
             shared,

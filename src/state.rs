@@ -178,6 +178,8 @@ pub struct Shared {
     /// route and backend name across reloads.
     pub admission: crate::policy::concurrency::AdmissionRegistry,
     pub admission_metrics: crate::telemetry::admission::AdmissionMetrics,
+    /// SIGTERM handling: requests in flight, and when open streams must end.
+    pub shutdown: Arc<crate::shutdown::Shutdown>,
     pub health: Health,
     pub started_at: Instant,
 }
@@ -216,6 +218,7 @@ impl Shared {
             limit_metrics,
             admission,
             admission_metrics,
+            shutdown: Arc::new(crate::shutdown::Shutdown::default()),
             health: Health::default(),
             started_at: Instant::now(),
         });

@@ -58,6 +58,8 @@ pub struct Ctx {
     pub usage_estimated: bool,
     /// Decrements the active-requests gauge when dropped, on every path.
     pub active_guard: Option<ActiveGuard>,
+    /// Counts the request as in flight for graceful shutdown.
+    pub in_flight: Option<crate::shutdown::InFlight>,
 }
 
 impl Ctx {
@@ -93,6 +95,7 @@ impl Ctx {
             slot: None,
             usage_estimated: false,
             active_guard: None,
+            in_flight: None,
         }
     }
 }

@@ -674,11 +674,13 @@ impl FloodwallProxy {
                     first_token_due,
                     cut_at: ctx.stream.as_ref().and_then(|s| s.cut_at),
                 };
+                let shutdown = self.shared.shutdown.clone();
                 let r = upstream::stream_body(
                     session,
                     &mut answer.session,
                     sse,
                     limits,
+                    &shutdown,
                     |c: &Bytes| {
                         bytes_out += c.len() as u64;
                         if let Some(u) = usage.as_mut() {
@@ -726,7 +728,10 @@ impl FloodwallProxy {
         .await;
         match end {
             StreamEnd::Complete => Ok(true),
-            StreamEnd::UpstreamBroke | StreamEnd::ClientGone | StreamEnd::MaxDuration => {
+            StreamEnd::UpstreamBroke
+            | StreamEnd::ClientGone
+            | StreamEnd::MaxDuration
+            | StreamEnd::ShuttingDown => {
                 let why = why.unwrap_or_default();
                 ctx.error = Some(why.clone());
                 // End the response abnormally: Pingora drops the connection

@@ -275,6 +275,7 @@ impl ProxyHttp for FloodwallProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.in_flight = Some(self.shared.shutdown.enter());
         let active = self.shared.active();
         let req = session.req_header();
         ctx.request_id =
@@ -538,6 +539,7 @@ impl ProxyHttp for FloodwallProxy {
         m.observe_request(route, ctx.method, status, elapsed.as_secs_f64());
         m.add_bytes(route, ctx.bytes_in, ctx.bytes_out);
         ctx.active_guard.take();
+        ctx.in_flight.take();
         let error = ctx.error.as_deref().or(e.map(|_| "proxy error"));
         crate::telemetry::access::emit(&crate::telemetry::access::AccessLine {
             request_id: &ctx.request_id,

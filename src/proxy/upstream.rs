@@ -403,6 +403,8 @@ pub enum StreamEnd {
     /// `streams.max_duration` was reached: the client got a `stream_timeout`
     /// error event and the response ends abnormally.
     MaxDuration,
+    /// The grace period of a shutdown ran out: a `shutting_down` event was sent.
+    ShuttingDown,
 }
 
 impl StreamEnd {
@@ -412,6 +414,7 @@ impl StreamEnd {
             StreamEnd::UpstreamBroke => "upstream_broke",
             StreamEnd::ClientGone => "client_gone",
             StreamEnd::MaxDuration => "max_duration",
+            StreamEnd::ShuttingDown => "shutting_down",
         }
     }
 }
@@ -436,8 +439,11 @@ pub async fn stream_body(
     up: &mut HttpSession,
     is_sse: bool,
     limits: StreamLimits,
+    shutdown: &crate::shutdown::Shutdown,
     mut on_chunk: impl FnMut(&Bytes),
 ) -> (StreamEnd, Option<String>) {
+    let must_end = shutdown.streams_must_end();
+    tokio::pin!(must_end);
     let idle = limits.idle;
     let mut first_token = limits
         .first_token_due
@@ -491,6 +497,11 @@ pub async fn stream_body(
             // means the client closed (or broke protocol): stop at once.
             _ = session.downstream_session.read_body_or_idle(true) => {
                 return (StreamEnd::ClientGone, Some("client closed the connection".into()));
+            }
+            _ = &mut must_end => {
+                let why = "floodwall is shutting down; retry on another instance";
+                end_with_event(session, is_sse, why, "shutting_down").await;
+                return (StreamEnd::ShuttingDown, Some(why.to_string()));
             }
         };
         match next {

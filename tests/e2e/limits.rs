@@ -415,6 +415,38 @@ async fn a_streamed_usage_chunk_debits_the_token_budget_and_the_next_request_ove
     // Another user has a budget of their own.
     let r = post_chat(fw.addr, &[("x-user-id", "bob")], &over).await;
     assert_eq!(r.status, 200, "{}", r.text());
+
+    // A stream without usage is charged an estimate from its content, and
+    // marked as estimated.
+    let no_usage = json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+    let r = post_chat(
+        fw.addr,
+        &[("x-user-id", "carol"), ("x-mock-fault", "chunks=400")],
+        &no_usage,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.sse_data().iter().all(|d| !d.contains("\"usage\"")),
+        "no usage chunk was asked for"
+    );
+    let estimated = "floodwall_tokens_total{kind=\"output\",model=\"other\",route=\"chat\",source=\"estimated\"}";
+    let m = fw
+        .wait_metrics("an estimated usage", |m| counter(m, estimated) > 0.0)
+        .await;
+    // 400 streamed words of a few characters each, at 4 characters a token.
+    assert!((100.0..=1000.0).contains(&counter(&m, estimated)), "{m}");
+    let w = key_usage(&fw, "tokens", "carol").await;
+    assert!(
+        w["used"].as_u64().unwrap() > 100,
+        "the estimate is charged, not the 11 reserved: {w}"
+    );
+    let logs = fw.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("user=carol") && l.contains("usage=estimated")),
+        "the access log marks the usage as estimated:\n{logs}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

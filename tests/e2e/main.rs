@@ -17,5 +17,6 @@ mod reload;
 mod request_checks;
 mod resilience;
 mod routing;
+mod shutdown;
 mod tls;
 mod websocket;

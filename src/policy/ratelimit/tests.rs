@@ -1083,6 +1083,19 @@ mod redis {
         // `local`: 10 ÷ expected_replicas (2) = 5 per replica, from an empty
         // local counter (the request above was the first).
         assert_eq!(burst(&l, &snap, &r, 20, now_ms()).await, 4);
+        // A decision by `local` rules alone still reports the store's error
+        // (for the log and metrics), and its headers give the limit in force
+        // on this replica, consistent with the remaining count.
+        let local_only = policy("", "[{ name: local, key: [user], limits: [{ requests: 10, per: 1h }], on_store_error: local }]");
+        let d = check(&l, &local_only, &req(Some("bob")), now_ms()).await;
+        assert!(
+            d.allowed && d.fallback && d.store_error.is_some(),
+            "{:?}",
+            d.store_error
+        );
+        let h = d.headers.expect("rate-limit headers");
+        assert_eq!((h.limit, h.remaining), (5, 4));
+        assert!(h.policy.contains("q=5;"), "{}", h.policy);
         let d = check(&l, &closed, &r, now_ms()).await;
         assert_eq!(
             (d.allowed, d.reason, d.status),

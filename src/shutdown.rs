@@ -1,0 +1,128 @@
+//! Graceful shutdown on SIGTERM.
+//!
+//! Pingora stops accepting on SIGTERM and waits `server.grace_period`
+//! before it stops its runtimes. floodwall adds two things:
+//! - streams still open near the end of the grace period are ended with a
+//!   final SSE error event (`shutting_down`), so clients see why and can
+//!   reconnect elsewhere, instead of a silent cut;
+//! - once no request is in flight, the process exits (code 0) at once,
+//!   rather than sitting out the rest of the grace period.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// Streams are ended this long before the grace period runs out, so the
+/// final event is written before Pingora stops the runtimes.
+pub const STREAM_MARGIN: Duration = Duration::from_millis(500);
+
+/// Shutdown state shared by the requests.
+pub struct Shutdown {
+    /// When open streams must be ended; `None` until SIGTERM.
+    deadline: watch::Sender<Option<Instant>>,
+    /// Requests in flight (held by [`InFlight`] guards).
+    in_flight: AtomicUsize,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            deadline: watch::channel(None).0,
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Counts one request in flight until dropped.
+#[must_use]
+pub struct InFlight(Arc<Shutdown>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Shutdown {
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Resolves when shutdown is under way and the streams' deadline passed.
+    pub async fn streams_must_end(&self) {
+        let mut rx = self.deadline.subscribe();
+        loop {
+            let due = *rx.borrow_and_update();
+            match due {
+                Some(at) => {
+                    tokio::time::sleep_until(at.into()).await;
+                    return;
+                }
+                None => {
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn begin(&self, grace: Duration) {
+        let at = Instant::now() + grace.saturating_sub(STREAM_MARGIN);
+        self.deadline.send_replace(Some(at));
+    }
+}
+
+/// The background service that watches for SIGTERM.
+pub struct ShutdownService {
+    pub state: Arc<Shutdown>,
+    pub grace: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for ShutdownService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("cannot listen for SIGTERM: {e}");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = shutdown.changed() => {}
+        }
+        info!(
+            grace_ms = self.grace.as_millis() as u64,
+            in_flight = self.state.in_flight(),
+            "shutting down: no new connections; waiting for requests in flight"
+        );
+        self.state.begin(self.grace);
+        let deadline = Instant::now() + self.grace;
+        loop {
+            if self.state.in_flight() == 0 {
+                info!("all requests finished; exiting");
+                // Give the log writer a moment to drain.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                std::process::exit(0);
+            }
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
