@@ -19,6 +19,20 @@ fn limits_policy(mock: &MockServer, top: &str, routes: &str) -> String {
     policy_with(top, &[("main", &mock_url(mock))], routes)
 }
 
+/// A route (as a `routes:` list item) on the `main` backend, with its
+/// rate-limit rules, each a YAML flow mapping.
+fn route(name: &str, prefix: &str, rules: &[&str]) -> String {
+    let mut out =
+        format!("  - name: {name}\n    match: {{ path_prefix: {prefix} }}\n    backend: main\n");
+    if !rules.is_empty() {
+        out.push_str("    rate_limits:\n");
+        for r in rules {
+            out.push_str(&format!("      - {r}\n"));
+        }
+    }
+    out
+}
+
 fn decisions(rule: &str, result: &str) -> String {
     format!("floodwall_ratelimit_decisions_total{{result=\"{result}\",rule=\"{rule}\"}}")
 }
@@ -27,8 +41,8 @@ fn counter(m: &str, series: &str) -> f64 {
     metric(m, series).unwrap_or(0.0)
 }
 
-/// `n` concurrent requests from one shared client; each answer with its
-/// index, in completion order.
+/// `n` concurrent GETs from one shared client, `make(i)` saying where and
+/// with which headers; the answers in completion order.
 async fn burst(
     n: usize,
     make: impl Fn(usize) -> (std::net::SocketAddr, String, Vec<(String, String)>),
@@ -98,8 +112,12 @@ fn assert_rate_limited(r: &Resp, limit: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_50_lets_exactly_10_through_and_the_rest_get_429_with_headers() {
     let mock = start_mock().await;
-    let routes = "  - name: chat\n    match: { path_prefix: / }\n    backend: main\n    rate_limits:\n      - name: per-ip\n        key: [ip]\n        limits: [{ requests: 10, per: 1m }]\n";
-    let fw = Floodwall::start(&limits_policy(&mock, "", routes)).await;
+    let routes = route(
+        "chat",
+        "/",
+        &["{ name: per-ip, key: [ip], limits: [{ requests: 10, per: 1m }] }"],
+    );
+    let fw = Floodwall::start(&limits_policy(&mock, "", &routes)).await;
     let answers = burst(50, |_| (fw.addr, "/v1/models".to_string(), Vec::new())).await;
 
     let ok: Vec<&Resp> = answers.iter().filter(|r| r.status == 200).collect();
@@ -160,8 +178,16 @@ async fn two_instances_sharing_redis_together_let_exactly_the_limit_through_in_t
     // GCRA refills continuously, one request per `per / requests` (3 s
     // here): longer than a burst takes, so a burst sees full buckets and no
     // refill; after a whole `per` they are full again.
-    let routes = "  - name: per-user\n    match: { path_prefix: /u/ }\n    backend: main\n    rate_limits:\n      - name: shared-per-user\n        key: [user]\n        limits: [{ requests: 2, per: 6s }]\n        on_store_error: fail_closed\n  - name: global\n    match: { path_prefix: /g/ }\n    backend: main\n    rate_limits:\n      - name: shared-global\n        key: [global]\n        limits: [{ requests: 2, per: 6s }]\n        on_store_error: fail_closed\n";
-    let policy = limits_policy(&mock, &top, routes);
+    let routes = route(
+        "per-user",
+        "/u/",
+        &["{ name: shared-per-user, key: [user], limits: [{ requests: 2, per: 6s }], on_store_error: fail_closed }"],
+    ) + &route(
+        "global",
+        "/g/",
+        &["{ name: shared-global, key: [global], limits: [{ requests: 2, per: 6s }], on_store_error: fail_closed }"],
+    );
+    let policy = limits_policy(&mock, &top, &routes);
     let a = Floodwall::start(&policy).await;
     let b = Floodwall::start(&policy).await;
     const USERS: usize = 100;
@@ -274,9 +300,11 @@ async fn a_counter_at_8_of_10_survives_an_unrelated_reload() {
     let mock = start_mock().await;
     // 10 per 10 minutes: one refill a minute, none during the test.
     let routes = |other: &str| {
-        format!(
-            "  - name: limited\n    match: {{ path_prefix: /limited }}\n    backend: main\n    rate_limits:\n      - name: ten\n        key: [global]\n        limits: [{{ requests: 10, per: 10m }}]\n  - name: other\n    match: {{ path_prefix: {other} }}\n    backend: main\n"
-        )
+        route(
+            "limited",
+            "/limited",
+            &["{ name: ten, key: [global], limits: [{ requests: 10, per: 10m }] }"],
+        ) + &route("other", other, &[])
     };
     let fw = Floodwall::start(&limits_policy(&mock, "", &routes("/other"))).await;
     for i in 0..8u64 {
@@ -343,8 +371,12 @@ async fn key_usage(fw: &Floodwall, rule: &str, key: &str) -> Value {
 async fn a_streamed_usage_chunk_debits_the_token_budget_and_the_next_request_over_it_is_refused() {
     let mock = start_mock().await;
     let top = "identity:\n  user: [{ header: x-user-id }]\n";
-    let routes = "  - name: chat\n    match: { path_prefix: /v1/ }\n    backend: main\n    rate_limits:\n      - name: tokens\n        key: [user]\n        limits: [{ tokens: 1000, per: 1d }]\n";
-    let fw = Floodwall::start(&limits_policy(&mock, top, routes)).await;
+    let routes = route(
+        "chat",
+        "/v1/",
+        &["{ name: tokens, key: [user], limits: [{ tokens: 1000, per: 1d }] }"],
+    );
+    let fw = Floodwall::start(&limits_policy(&mock, top, &routes)).await;
     let alice = [("x-user-id", "alice"), ("x-mock-fault", "chunks=900")];
 
     // A stream whose final chunk reports 900 completion tokens, far more
@@ -454,8 +486,12 @@ async fn a_cost_budget_is_exhausted_faster_by_the_expensive_model() {
     let mock = start_mock().await;
     // USD per 1M tokens: the expensive model costs 100 times more.
     let top = "identity:\n  user: [{ header: x-user-id }]\nprices:\n  cheap-model: { input: 1, output: 1 }\n  pricey-model: { input: 100, output: 100 }\n";
-    let routes = "  - name: chat\n    match: { path_prefix: /v1/ }\n    backend: main\n    rate_limits:\n      - name: spend\n        key: [user]\n        limits: [{ cost_usd: 0.01, per: 1d }]\n";
-    let fw = Floodwall::start(&limits_policy(&mock, top, routes)).await;
+    let routes = route(
+        "chat",
+        "/v1/",
+        &["{ name: spend, key: [user], limits: [{ cost_usd: 0.01, per: 1d }] }"],
+    );
+    let fw = Floodwall::start(&limits_policy(&mock, top, &routes)).await;
     let body = |model: &str| json!({"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]});
     // Nano-USD of a call at `usd_per_m` for both directions.
     let cost = |r: &Resp, usd_per_m: u64| {
@@ -566,9 +602,10 @@ async fn redis_killed_mid_run_each_on_store_error_mode_applies_and_redis_is_used
         redis.url()
     );
     let rule = |name: &str, limit: u32, mode: &str| {
-        format!(
-            "  - name: {name}\n    match: {{ path_prefix: /{name} }}\n    backend: main\n    rate_limits:\n      - name: {name}\n        key: [global]\n        limits: [{{ requests: {limit}, per: 10m }}]\n        on_store_error: {mode}\n"
-        )
+        let r = format!(
+            "{{ name: {name}, key: [global], limits: [{{ requests: {limit}, per: 10m }}], on_store_error: {mode} }}"
+        );
+        route(name, &format!("/{name}"), &[&r])
     };
     let routes = [
         rule("open", 3, "fail_open"),
@@ -691,12 +728,13 @@ async fn jwt_keyed_limit_counts_users_apart_and_refuses_bad_tokens_and_missing_i
         "identity:\n  user:\n    - jwt: {{ secret_env: E2E_LIMITS_JWT_SECRET, public_key_file: \"{}\", claim: sub }}\n",
         fixture("jwt/rs256-public.pem").display()
     );
-    let rule = |route: &str, status: &str| {
-        format!(
-            "  - name: {route}\n    match: {{ path_prefix: /{route} }}\n    backend: main\n    rate_limits:\n      - name: {route}-per-user\n        key: [user]\n        limits: [{{ requests: 2, per: 10m }}]\n        require_identity: true\n{status}"
-        )
+    let rule = |name: &str, extra: &str| {
+        let r = format!(
+            "{{ name: {name}-per-user, key: [user], limits: [{{ requests: 2, per: 10m }}], require_identity: true{extra} }}"
+        );
+        route(name, &format!("/{name}"), &[&r])
     };
-    let routes = rule("api", "") + &rule("strict", "        missing_identity_status: 400\n");
+    let routes = rule("api", "") + &rule("strict", ", missing_identity_status: 400");
     let fw = Floodwall::start_with_env(
         &limits_policy(&mock, &top, &routes),
         &[("E2E_LIMITS_JWT_SECRET", JWT_SECRET)],
@@ -816,8 +854,12 @@ async fn jwt_keyed_limit_counts_users_apart_and_refuses_bad_tokens_and_missing_i
 async fn header_tiers_raise_limits_and_admin_is_unlimited_but_only_from_trusted_peers() {
     let mock = start_mock().await;
     let top = "identity:\n  user: [{ header: x-user-id }]\n  tier: { header: x-user-tier, default: free }\n";
-    let routes = "  - name: api\n    match: { path_prefix: / }\n    backend: main\n    rate_limits:\n      - name: tiered\n        key: [user]\n        limits: [{ requests: 2, per: 10m }]\n        tiers:\n          premium: [{ requests: 5, per: 10m }]\n          admin: unlimited\n";
-    let policy = limits_policy(&mock, top, routes);
+    let routes = route(
+        "api",
+        "/",
+        &["{ name: tiered, key: [user], limits: [{ requests: 2, per: 10m }], tiers: { premium: [{ requests: 5, per: 10m }], admin: unlimited } }"],
+    );
+    let policy = limits_policy(&mock, top, &routes);
     let fw = Floodwall::start(&policy).await;
     let as_user = |user: &'static str, tier: Option<&'static str>| {
         let addr = fw.addr;
@@ -894,8 +936,12 @@ async fn header_tiers_raise_limits_and_admin_is_unlimited_but_only_from_trusted_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_rule_never_refuses_but_counts_what_it_would_have_done() {
     let mock = start_mock().await;
-    let routes = "  - name: api\n    match: { path_prefix: / }\n    backend: main\n    rate_limits:\n      - name: trial\n        key: [global]\n        limits: [{ requests: 2, per: 10m }]\n        shadow: true\n";
-    let fw = Floodwall::start(&limits_policy(&mock, "", routes)).await;
+    let routes = route(
+        "api",
+        "/",
+        &["{ name: trial, key: [global], limits: [{ requests: 2, per: 10m }], shadow: true }"],
+    );
+    let fw = Floodwall::start(&limits_policy(&mock, "", &routes)).await;
     for i in 0..5 {
         let r = get_as(fw.addr, "/v1/models", &[]).await;
         assert_eq!(r.status, 200, "request {i}: {}", r.text());
