@@ -103,6 +103,19 @@ pub async fn render(shared: &Shared, query: Option<&str>) -> (u16, Value) {
             ),
         };
     }
+    if let Some(key) = param(query, "key").map(decode) {
+        // One key's usage in every rule (e.g. a user id).
+        let tier = param(query, "tier").map(decode);
+        let mut out = Vec::new();
+        for rule in &rules {
+            let usage = match limiter.usage(rule, &key, tier.as_deref(), now_ms).await {
+                Ok(w) => json!(w.iter().map(|w| w.to_json()).collect::<Vec<_>>()),
+                Err(e) => json!({"error": e.to_string()}),
+            };
+            out.push(json!({"rule": rule.name, "windows": usage}));
+        }
+        return (200, json!({"key": key, "rules": out}));
+    }
     let mut out = Vec::new();
     for rule in &rules {
         let top = match limiter.top(rule, 10, now_ms).await {

@@ -484,8 +484,19 @@ impl ServeHttp for AdminApp {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
             return AdminResponse::json(status, &body).into_http(head_only);
         }
-        self.handle(&req.method, req.uri.path(), req.uri.query(), authorization)
-            .into_http(head_only)
+        let resp = self.handle(&req.method, req.uri.path(), req.uri.query(), authorization);
+        if req.uri.path() == "/admin/status" && resp.status == StatusCode::OK {
+            // The rate-limit section may need Redis, so it is added here, async:
+            // each rule with its top keys, or with `?key=` one key's usage.
+            if let Ok(mut doc) = serde_json::from_slice::<Value>(&resp.body) {
+                let (_, limits) = limits::render(&self.shared, req.uri.query()).await;
+                if let Some(obj) = doc.as_object_mut() {
+                    obj.insert("rate_limits".into(), limits);
+                }
+                return AdminResponse::json(StatusCode::OK, &doc).into_http(head_only);
+            }
+        }
+        resp.into_http(head_only)
     }
 }
 

@@ -834,13 +834,8 @@ async fn soak_one(addr: SocketAddr, i: usize) -> Result<(), String> {
         }
         // The backend cuts the stream.
         65..=79 => {
-            let (mut s, started) = open_stream(
-                addr,
-                &user,
-                "chunks=8;chunk_delay=5ms;cut_after=3",
-                &extra,
-            )
-            .await;
+            let (mut s, started) =
+                open_stream(addr, &user, "chunks=8;chunk_delay=5ms;cut_after=3", &extra).await;
             let resp = read_all(&mut s, started, Duration::from_secs(15)).await;
             let last = resp.sse_data().last().cloned().unwrap_or_default();
             if resp.status != 200 || resp.complete || !last.contains("upstream_stream_error") {
@@ -907,7 +902,10 @@ async fn soak_pass(
                     return;
                 }
                 if let Err(e) = soak_one(addr, from + k).await {
-                    errors.lock().unwrap().push(format!("request {}: {e}", from + k));
+                    errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("request {}: {e}", from + k));
                 }
             }
         });
@@ -949,7 +947,11 @@ async fn assert_soak_gauges_at_zero(fw: &Floodwall, when: &str) {
     .await;
     let route = route_status(&adm, "soak");
     assert_eq!(route["active_streams"], 0, "{adm}");
-    assert_eq!(queued(&adm, "soak", "high") + queued(&adm, "soak", "low"), 0, "{adm}");
+    assert_eq!(
+        queued(&adm, "soak", "high") + queued(&adm, "soak", "low"),
+        0,
+        "{adm}"
+    );
 }
 
 fn rss_kib(pid: i32) -> u64 {
@@ -991,7 +993,11 @@ async fn soak_with_disconnects_cuts_and_a_reload_leaves_every_gauge_at_0_and_rss
     assert_soak_gauges_at_zero(&fw, "after the soak").await;
     let m = fw.metrics().await;
     assert!(
-        value(&m, "floodwall_stream_disconnects_total", &[("route", "soak")]) > 0.0,
+        value(
+            &m,
+            "floodwall_stream_disconnects_total",
+            &[("route", "soak")]
+        ) > 0.0,
         "the soak had client disconnects: {m}"
     );
     let after = rss_kib(fw.pid());
@@ -1018,7 +1024,7 @@ async fn tmp_rss_experiment() {
     let mock = start_mock().await;
     let fw = Floodwall::start(&soak_policy(&mock, 40, 35)).await;
     let mut from = 0;
-    for pass in 0..8 {
+    for pass in 0..24 {
         let errors = soak_pass(fw.addr, from, 300, 50, async {}).await;
         from += 300;
         assert!(errors.is_empty(), "{errors:#?}");

@@ -563,6 +563,24 @@ async fn a_cost_budget_is_exhausted_faster_by_the_expensive_model() {
     assert_eq!(status, 200);
     assert_eq!(top["top"][0]["key"], "alice", "{top}");
     assert_eq!(top["top"][1]["key"], "bob", "{top}");
+    // /admin/status carries the same: each rule with its top keys, and with
+    // `?key=` one key's usage in every rule.
+    let st = Client::new().get(fw.admin, "/admin/status").await.json();
+    assert_eq!(st["rate_limits"]["rules"][0]["name"], "spend", "{st}");
+    assert_eq!(
+        st["rate_limits"]["rules"][0]["top"][0]["key"], "alice",
+        "{st}"
+    );
+    let st = Client::new()
+        .get(fw.admin, "/admin/status?key=alice")
+        .await
+        .json();
+    assert_eq!(st["rate_limits"]["key"], "alice", "{st}");
+    assert_eq!(
+        st["rate_limits"]["rules"][0]["windows"][0]["used"].as_u64(),
+        Some(alice_spent),
+        "{st}"
+    );
     let m = fw.metrics().await;
     let usd = |model: &str| {
         counter(
