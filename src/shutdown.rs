@@ -1,6 +1,8 @@
-//! Graceful shutdown on SIGTERM.
+//! Graceful shutdown on SIGTERM, and the old process's side of a
+//! zero-downtime upgrade (SIGQUIT, see docs/operations.md).
 //!
-//! Pingora stops accepting on SIGTERM and waits `server.grace_period`
+//! Pingora stops accepting on SIGTERM (on SIGQUIT, once it has handed its
+//! listening sockets to the new process) and waits `server.grace_period`
 //! before it stops its runtimes. floodwall adds two things:
 //! - streams still open near the end of the grace period are ended with a
 //!   final SSE error event (`shutting_down`), so clients see why and can
@@ -16,7 +18,7 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Streams are ended this long before the grace period runs out, so the
 /// final event is written before Pingora stops the runtimes.
@@ -84,7 +86,7 @@ impl Shutdown {
     }
 }
 
-/// The background service that watches for SIGTERM.
+/// The background service that drains the process once Pingora's shutdown begins.
 pub struct ShutdownService {
     pub state: Arc<Shutdown>,
     pub grace: Duration,
@@ -93,17 +95,13 @@ pub struct ShutdownService {
 #[async_trait]
 impl BackgroundService for ShutdownService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!("cannot listen for SIGTERM: {e}");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = shutdown.changed() => {}
+        // Pingora broadcasts its shutdown on SIGTERM at once, and on SIGQUIT
+        // (zero-downtime upgrade) only after the listening sockets were
+        // handed to the new process; either way this process then drains.
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                return;
+            }
         }
         info!(
             grace_ms = self.grace.as_millis() as u64,

@@ -20,4 +20,5 @@ mod resilience;
 mod routing;
 mod shutdown;
 mod tls;
+mod upgrade;
 mod websocket;
