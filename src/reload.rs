@@ -220,12 +220,7 @@ impl BackgroundService for ReloadService {
                 ev = rx.recv() => {
                     if ev.is_none() { break; }
                     // Debounce: wait until the directory has been quiet for a moment.
-                    loop {
-                        match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                            Ok(Some(())) => continue,
-                            _ => break,
-                        }
-                    }
+                    while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
                     reloader.reload_blocking(false).await;
                 }
                 _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {

@@ -74,15 +74,21 @@ pub fn run_snapshot(snapshot: Snapshot, opts: RunOptions) -> Result<(), String> 
     let shared = Shared::new(snapshot, Metrics::new());
     shared.metrics.config_loaded(&hash);
 
-    let mut conf = ServerConf::default();
-    conf.threads = threads;
-    conf.grace_period_seconds = Some(grace.as_secs());
-    conf.graceful_shutdown_timeout_seconds = Some(5);
-    if let Some(sock) = &opts.upgrade_sock {
-        conf.upgrade_sock = sock.clone();
-    }
-    let mut opt = Opt::default();
-    opt.upgrade = opts.upgrade;
+    let defaults = ServerConf::default();
+    let conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(5),
+        upgrade_sock: opts
+            .upgrade_sock
+            .clone()
+            .unwrap_or_else(|| defaults.upgrade_sock.clone()),
+        ..defaults
+    };
+    let opt = Opt {
+        upgrade: opts.upgrade,
+        ..Opt::default()
+    };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 

@@ -72,7 +72,7 @@ impl Resilience {
                 return Some(b.clone());
             }
         }
-        let b = Arc::new(RetryBudget::new(route.retry.budget.clone()));
+        let b = Arc::new(RetryBudget::new(route.retry.budget));
         map.insert(route.name.clone(), b.clone());
         Some(b)
     }
