@@ -2,12 +2,15 @@
 # floodwall: multi-stage build, slim non-root runtime.
 #
 #   docker build -t floodwall .
-#   docker run -p 8080:8080 -p 9090:9090 -v $PWD/policies:/etc/floodwall:ro floodwall
+#   mkdir conf && cp deploy/kubernetes/policy.yaml conf/policy.yaml   # or your own
+#   docker run -p 8080:8080 -p 9090:9090 -v $PWD/conf:/etc/floodwall:ro floodwall
 #
-# The policy is read from /etc/floodwall/policy.yaml (mount a directory or a
-# Kubernetes ConfigMap there; edits are reloaded live). The admin listener
-# must bind 0.0.0.0 in the policy for the health check and Prometheus to
-# reach it from outside the container (server.admin.listen).
+# The policy is read from /etc/floodwall/policy.yaml: mount a directory that
+# holds it (or a Kubernetes ConfigMap; edits are reloaded live). For
+# Prometheus and probes to reach the admin listener from outside the
+# container, the policy must bind it to 0.0.0.0 (server.admin.listen), as
+# deploy/kubernetes/policy.yaml does; the built-in HEALTHCHECK uses
+# 127.0.0.1 and works either way. Build and run details: docs/operations.md.
 
 FROM rust:1-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*

@@ -6,6 +6,10 @@ wrk.method = "POST"
 wrk.path = "/v1/chat/completions"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Accept"] = "application/json"
+-- The caller's user id, as an app behind floodwall would send it: only the
+-- floodwall+3rules target reads it (identity.user for its per-user rule);
+-- the other targets pass it through untouched.
+wrk.headers["X-User-Id"] = "bench-user-1"
 wrk.body = '{"model":"mock-model","messages":['
   .. '{"role":"system","content":"You are a terse assistant."},'
   .. '{"role":"user","content":"Say hello to the load benchmark in five words."}'

@@ -2,8 +2,8 @@
 # floodwall load benchmark: floodwall vs a bare Pingora proxy vs the backend
 # directly, measured side by side in one run. See BENCHMARKS.md.
 #
-#   benches/load.sh            full suite: 5 runs x 5 s per figure (~8 min)
-#   benches/load.sh --quick    smoke test: 1 run x 2 s per figure (~1 min)
+#   benches/load.sh            full suite: 5 runs x 5 s per figure (~11 min)
+#   benches/load.sh --quick    smoke test: 1 run x 2 s per figure (~1.5 min)
 #
 # Options: --runs N, --duration SECONDS, --latencies "0 20" (mock latency in
 # ms), --no-build, --keep (keep the scratch directory with every log and raw
@@ -11,13 +11,18 @@
 #
 # What it does, for each mock latency (0 ms, then 20 ms):
 #   1. starts `floodwall mock` (the bundled mock LLM backend), the bare Pingora
-#      proxy (examples/bare_proxy, built from benches/bare_proxy.rs) and
-#      floodwall with a minimal policy (one route, one backend, no policies)
-#      twice: with its default logging (one access-log line per request, to a
-#      file) and with the access log off; all on 127.0.0.1 with ephemeral
-#      ports, 2 worker threads per proxy;
+#      proxy (examples/bare_proxy, built from benches/bare_proxy.rs) and four
+#      floodwalls: the minimal policy (one route, one backend, no policies)
+#      with its default logging (one access-log line per request, to a file)
+#      and with the access log off; `floodwall+3rules` (the same route with
+#      three in-memory rate-limit rules, limits so high that every request is
+#      admitted: every rule is evaluated, none refuses); and
+#      `floodwall+resilience` (retry with 3 attempts and a budget, a circuit
+#      breaker on the backend, timeouts first_token/idle/total; the backend
+#      is healthy, so nothing is ever retried or tripped). All on 127.0.0.1
+#      with ephemeral ports, 2 worker threads per proxy;
 #   2. warms each target up, then for every run measures each target (direct
-#      to the mock, bare Pingora, the two floodwalls), in an order rotated
+#      to the mock, bare Pingora, the four floodwalls), in an order rotated
 #      from run to run:
 #        - c=1  (wrk -t1 -c1):  latency p50/p99;
 #        - c=64 (wrk -t2 -c64): throughput;
@@ -233,35 +238,83 @@ measure() {
       printf "%s\t%s\t%s\t%s\t%d\t%d\t%.1f\t%d\t%d\t%d\t%d\t%.2f\t%.2f\t%d\t%d\t%.2f\n",
         lat, run, t, c, req, dur, req / (dur / 1e6), p50, p90, p99, max,
         dn / 1e3 / req, dm / 1e3 / req, hwm, errs, dc * 1e6 / tck / req }' >>"$TSV"
-  tail -1 "$TSV" | awk -F'\t' '{ printf "[load] %2s ms run %s %-9s c=%-2s %7d req %8.0f req/s p50 %5d us p99 %6d us cpu %6.1f us/req rss %d KiB\n",
+  tail -1 "$TSV" | awk -F'\t' '{ printf "[load] %2s ms run %s %-20s c=%-2s %7d req %8.0f req/s p50 %5d us p99 %6d us cpu %6.1f us/req rss %d KiB\n",
     $1, $2, $3, $4, $5, $7, $8, $10, $12, $14 }' >&2
 }
 
 # --- one mock latency: start the targets, measure, stop ---------------------
 
-# start_floodwall DIR NAME MOCK_ADDR [ENV=VALUE...]: run floodwall with the
-# minimal policy; prints its PID. The policy sits alone in its own directory:
-# floodwall watches the policy's directory, and before 9ecf138 any event there
-# (such as a busy log file next to the policy) woke the watcher.
-start_floodwall() {
-  local dir=$1 name=$2 mock_addr=$3; shift 3
-  mkdir -p "$dir/$name-policy"
-  cat >"$dir/$name-policy/floodwall.yaml" <<EOF
-# floodwall load benchmark: the minimal policy (one route, one backend, no policies).
+# policy KIND MOCK_ADDR: the policy file of a floodwall target.
+#   minimal:    one route (path_prefix /), one backend, no policies;
+#   3rules:     the same route with three in-memory rate-limit rules: per-user
+#               (identity from x-user-id, which benches/chat.lua sends) with
+#               three windows (the shape of 10/min + 100/h + 500/day), a global
+#               request rule and a global token rule; every limit is so high
+#               that every request is admitted, so every rule is evaluated and
+#               charged (and the token reservation reconciled) and none refuses;
+#   resilience: the same route with retry (3 attempts, budget 20% + 10/s), a
+#               circuit breaker on the backend, and timeouts first_token, idle
+#               and total. The mock is healthy, so no retry or trip happens.
+policy() {
+  local kind=$1 mock_addr=$2 breaker="" route=""
+  case "$kind" in
+    minimal) ;;
+    3rules) route='
+    rate_limits:
+      - name: per-user
+        key: [user]
+        limits:
+          - { requests: 1000000000, per: 1m }
+          - { requests: 1000000000, per: 1h }
+          - { requests: 1000000000, per: 1d }
+      - name: global
+        key: [global]
+        limits: [{ requests: 1000000000, per: 1m }]
+      - name: tokens
+        key: [global]
+        limits: [{ tokens: 10000000000, per: 1m }]' ;;
+    resilience)
+      breaker='
+    circuit_breaker: { window: 10s, failure_rate: 50%, min_requests: 20, open_for: 30s }'
+      route='
+    timeouts: { first_token: 10s, idle: 10s, total: 30s }
+    retry:
+      attempts: 3
+      backoff: { base: 100ms, factor: 2, max: 2s }
+      budget: { ratio: 20%, min_per_second: 10 }' ;;
+    *) die "unknown policy kind $kind" ;;
+  esac
+  cat <<EOF
+# floodwall load benchmark: policy "$kind" (see benches/load.sh).
 version: 1
 server:
   listen: ["127.0.0.1:0"]
   admin: { listen: 127.0.0.1:0 }
   threads: 2
   grace_period: 1s
+EOF
+  if [ "$kind" = 3rules ]; then printf 'identity:\n  user: [{ header: x-user-id }]\n'; fi
+  cat <<EOF
 backends:
   mock:
-    endpoints: ["http://$mock_addr"]
+    endpoints: ["http://$mock_addr"]$breaker
 routes:
   - name: all
     match: { path_prefix: / }
-    backend: mock
+    backend: mock$route
 EOF
+}
+
+# start_floodwall DIR NAME KIND MOCK_ADDR [ENV=VALUE...]: run floodwall with
+# the policy KIND (see policy); prints its PID. The policy sits alone in its
+# own directory: floodwall watches the policy's directory, and before 9ecf138
+# any event there (such as a busy log file next to the policy) woke the watcher.
+start_floodwall() {
+  local dir=$1 name=$2 kind=$3 mock_addr=$4; shift 4
+  mkdir -p "$dir/$name-policy"
+  policy "$kind" "$mock_addr" >"$dir/$name-policy/floodwall.yaml"
+  "$FLOODWALL" check "$dir/$name-policy/floodwall.yaml" >"$dir/$name.check" 2>&1 \
+    || die "policy $kind does not validate: $(cat "$dir/$name.check")"
   env "$@" "$FLOODWALL" run --config "$dir/$name-policy/floodwall.yaml" --ready-file "$dir/$name.ready" \
     >"$dir/$name.out" 2>"$dir/$name.log" &
   echo $!
@@ -271,9 +324,11 @@ ready_addr() { sed -n 's/.*"listen":\["\([^"]*\)".*/\1/p' "$1"; }
 
 # The targets, in table order: direct to the mock, bare Pingora, floodwall
 # (default logging: info, text, one access line per request, written to a
-# file), and floodwall with the access log off (RUST_LOG=info,access=off), to
-# show what the access log costs.
-TARGETS=(direct bare floodwall floodwall_noaccess)
+# file), floodwall with the access log off (RUST_LOG=info,access=off), to
+# show what the access log costs, then floodwall+3rules and
+# floodwall+resilience (default logging), to show what those policies cost
+# over the minimal floodwall.
+TARGETS=(direct bare floodwall floodwall_noaccess floodwall_3rules floodwall_resilience)
 
 bench_latency() {
   local lat=$1 dir=$WORK/lat$1 fault=() mock_pid mock_addr run k i n
@@ -292,8 +347,10 @@ bench_latency() {
   "$BARE" --listen 127.0.0.1:0 --upstream "$mock_addr" --threads 2 --ready-file "$dir/bare.ready" \
     >"$dir/bare.out" 2>"$dir/bare.log" &
   pids[1]=$!; PIDS+=("${pids[1]}")
-  pids[2]=$(start_floodwall "$dir" floodwall "$mock_addr"); PIDS+=("${pids[2]}")
-  pids[3]=$(start_floodwall "$dir" floodwall_noaccess "$mock_addr" RUST_LOG=info,access=off); PIDS+=("${pids[3]}")
+  pids[2]=$(start_floodwall "$dir" floodwall minimal "$mock_addr"); PIDS+=("${pids[2]}")
+  pids[3]=$(start_floodwall "$dir" floodwall_noaccess minimal "$mock_addr" RUST_LOG=info,access=off); PIDS+=("${pids[3]}")
+  pids[4]=$(start_floodwall "$dir" floodwall_3rules 3rules "$mock_addr"); PIDS+=("${pids[4]}")
+  pids[5]=$(start_floodwall "$dir" floodwall_resilience resilience "$mock_addr"); PIDS+=("${pids[5]}")
 
   for ((i = 1; i < n; i++)); do
     wait_file "$dir/${names[$i]}.ready" "${pids[$i]}" "${names[$i]}"
@@ -336,6 +393,7 @@ for lat in $LATENCIES; do
   bench_latency "$lat"
 done
 ELAPSED=$(( $(date +%s) - START ))
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- report -----------------------------------------------------------------
 
@@ -345,7 +403,7 @@ MD=$RESULTS_DIR/load-$STAMP.md
   echo
   echo "- command: \`benches/load.sh${ARGS_GIVEN:+ $ARGS_GIVEN}\` ($MODE: $RUNS run(s) x ${DURATION} s per figure, ${ELAPSED} s in all)"
   echo "- commit: $rev"
-  echo "- machine: $MACHINE${CPU_MODEL:+, $CPU_MODEL}; load average before: $LOAD_BEFORE"
+  echo "- machine: $MACHINE${CPU_MODEL:+, $CPU_MODEL}; load average before: $LOAD_BEFORE, after: $LOAD_AFTER"
   echo "- load: wrk, POST /v1/chat/completions (small JSON chat body, non-streaming), 127.0.0.1 only;"
   echo "  c=1: \`wrk -t1 -c1\`, c=64: \`wrk -t2 -c64\`; proxies run 2 worker threads; nothing pinned"
   echo "  (wrk, proxy and mock share the cores)."
@@ -356,7 +414,10 @@ MD=$RESULTS_DIR/load-$STAMP.md
   echo "  allocators keep what they got, so in effect the peak so far)."
   echo "- targets: direct = wrk to the mock; bare Pingora = benches/bare_proxy.rs; floodwall = minimal"
   echo "  policy, default logging (one text access-log line per request, stderr to a file); floodwall,"
-  echo "  access log off = the same with RUST_LOG=info,access=off."
+  echo "  access log off = the same with RUST_LOG=info,access=off; floodwall+3rules = the minimal policy"
+  echo "  plus three in-memory rate-limit rules (per-user x3 windows, global, tokens) that admit every"
+  echo "  request; floodwall+resilience = the minimal policy plus retry (3 attempts, budget), a circuit"
+  echo "  breaker and timeouts first_token/idle/total, on the healthy mock. Both with default logging."
   echo
   awk -F'\t' -v runs="$RUNS" '
     function sort(a, n,   i, j, t) { for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t } }
@@ -380,9 +441,10 @@ MD=$RESULTS_DIR/load-$STAMP.md
       if (run > maxrun) maxrun = run
     }
     END {
-      nt = split("direct bare floodwall floodwall_noaccess", T, " ")
+      nt = split("direct bare floodwall floodwall_noaccess floodwall_3rules floodwall_resilience", T, " ")
       label["direct"] = "direct (mock)"; label["bare"] = "bare Pingora"; label["floodwall"] = "floodwall"
       label["floodwall_noaccess"] = "floodwall, access log off"
+      label["floodwall_3rules"] = "floodwall+3rules"; label["floodwall_resilience"] = "floodwall+resilience"
       for (li = 1; li <= nl; li++) {
         lat = lats[li]
         for (run = 1; run <= maxrun; run++) for (ti = 1; ti <= nt; ti++) {
@@ -401,6 +463,14 @@ MD=$RESULTS_DIR/load-$STAMP.md
           if (t ~ /^floodwall/ && ((lat, run, "bare", 64, "ok") in r)) {
             add(lat SUBSEP t SUBSEP "ratio64", r[lat, run, t, 64, "cpu"] / r[lat, run, "bare", 64, "cpu"])
             add(lat SUBSEP t SUBSEP "ratio1", r[lat, run, t, 1, "cpu"] / r[lat, run, "bare", 1, "cpu"])
+          }
+          # The policy targets against the minimal floodwall (both with the access log on).
+          if (t ~ /^floodwall_/ && t != "floodwall_noaccess" && ((lat, run, "floodwall", 64, "ok") in r)) {
+            add(lat SUBSEP t SUBSEP "frps", r[lat, run, t, 64, "rps"] / r[lat, run, "floodwall", 64, "rps"])
+            add(lat SUBSEP t SUBSEP "fcpu64", r[lat, run, t, 64, "cpu"] / r[lat, run, "floodwall", 64, "cpu"])
+            add(lat SUBSEP t SUBSEP "fdcpu64", r[lat, run, t, 64, "cpu"] - r[lat, run, "floodwall", 64, "cpu"])
+            add(lat SUBSEP t SUBSEP "fcpu1", r[lat, run, t, 1, "cpu"] / r[lat, run, "floodwall", 1, "cpu"])
+            add(lat SUBSEP t SUBSEP "fp50", r[lat, run, t, 1, "p50"] - r[lat, run, "floodwall", 1, "p50"])
           }
         }
         printf "## Mock latency %s ms\n\n", lat
@@ -423,14 +493,43 @@ MD=$RESULTS_DIR/load-$STAMP.md
       for (li = 1; li <= nl; li++) for (ti = 3; ti <= nt; ti++) {
         lat = lats[li]; t = T[ti]; k = lat SUBSEP t SUBSEP
         if (n[k "ratio64"] == 0) continue
+        # The targets are for floodwall without policies; the policy targets are shown for reference.
+        nopol = (t == "floodwall" || t == "floodwall_noaccess")
         printf "| %s ms | %s | %s %s | %s | %s %s |\n", lat, label[t],
-          stat(k "ratio64", "%.2f×"), (v_med(k "ratio64") <= 1.15) ? "(met)" : "(**missed**)",
+          stat(k "ratio64", "%.2f×"), !nopol ? "(n/a: policies)" : (v_med(k "ratio64") <= 1.15) ? "(met)" : "(**missed**)",
           stat(k "ratio1", "%.2f×"),
-          stat(k "a99", "%+d"), (v_med(k "a99") < 300) ? "(met)" : "(**missed**)"
+          stat(k "a99", "%+d"), !nopol ? "" : (v_med(k "a99") < 300) ? "(met)" : "(**missed**)"
+      }
+      print ""
+      print "## Policies vs floodwall without policies (measured side by side, paired run by run)"
+      print ""
+      print "\"within noise\": the [min-max] of the paired CPU ratio over the runs includes 1.00."
+      print ""
+      print "| mock latency | target | req/s c=64 ÷ floodwall (3 rules: target ≥ 0.90×) | CPU/req ÷ floodwall, c=64 | CPU µs/req added, c=64 | CPU/req ÷ floodwall, c=1 | added p50 c=1 vs floodwall (µs) |"
+      print "|---|---|---|---|---|---|---|"
+      for (li = 1; li <= nl; li++) for (ti = 5; ti <= nt; ti++) {
+        lat = lats[li]; t = T[ti]; k = lat SUBSEP t SUBSEP
+        if (n[k "frps"] == 0) continue
+        noise = (v_min(k "fcpu64") <= 1 && v_max(k "fcpu64") >= 1) ? "(within noise)" : "(above noise)"
+        if (v_max(k "fcpu64") < 1) noise = "(below 1: noise)"
+        printf "| %s ms | %s | %s %s | %s %s | %s | %s | %s |\n", lat, label[t],
+          stat(k "frps", "%.2f×"), (t != "floodwall_3rules") ? "" : (v_med(k "frps") >= 0.9) ? "(met)" : "(**missed**)",
+          stat(k "fcpu64", "%.2f×"), noise, stat(k "fdcpu64", "%+.1f"),
+          stat(k "fcpu1", "%.2f×"), stat(k "fp50", "%+d")
       }
       print ""
       if (errs > 0) printf "**%d request errors during the runs** (see the .tsv and the warnings on stderr).\n\n", errs
       else print "No request errors (connect/read/write/timeout/non-2xx) in any run."
+    }
+    function v_min(k,   m, i, x) {
+      m = n[k]; x = v[k, 1]
+      for (i = 2; i <= m; i++) if (v[k, i] < x) x = v[k, i]
+      return x
+    }
+    function v_max(k,   m, i, x) {
+      m = n[k]; x = v[k, 1]
+      for (i = 2; i <= m; i++) if (v[k, i] > x) x = v[k, i]
+      return x
     }
     function v_med(k,   a, m, i) {
       m = n[k]; if (m == 0) return 0

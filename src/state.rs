@@ -234,6 +234,14 @@ impl Shared {
     /// Refresh the gauges that are read from the limiters (queue depth,
     /// in-flight) just before `/metrics` is rendered.
     pub fn refresh_gauges(&self) {
+        // Breaker states: an open breaker half-opens by time alone, with no
+        // request to notice it, so read every state now.
+        let rm = &self.resilience.metrics;
+        for b in self.resilience.breakers.snapshot(Instant::now()) {
+            if let Ok(g) = rm.circuit_state.get_metric_with_label_values(&[&b.key]) {
+                g.set(b.state.as_gauge());
+            }
+        }
         let active = self.config.load();
         let m = &self.admission_metrics;
         for (route, adm) in active.snapshot.routes.iter().zip(&active.admission.routes) {

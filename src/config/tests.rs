@@ -1110,6 +1110,62 @@ mod team_examples_hold_their_numbers {
     }
 
     #[test]
+    fn research_copilot_admission() {
+        let snap = example("research-copilot");
+        let agent = route(&snap, "copilot-agent");
+        let c = agent
+            .concurrency
+            .as_deref()
+            .expect("copilot-agent concurrency");
+        assert_eq!(c.max_in_flight, Some(10), "docs/teams.md rc-24");
+        assert_eq!(c.per_identity, Some(3), "docs/teams.md rc-25");
+        let q = c.queue.as_ref().expect("docs/teams.md rc-31: a queue");
+        assert_eq!(
+            q.priority.classes,
+            ["interactive", "normal", "batch"],
+            "docs/teams.md rc-31: highest first"
+        );
+        assert_eq!(q.priority.header.as_deref(), Some("x-priority"), "rc-31");
+        assert_eq!(
+            q.priority.default, 1,
+            "docs/teams.md rc-31: normal by default"
+        );
+        assert_eq!(
+            q.priority.streaming,
+            Some(0),
+            "docs/teams.md rc-31: streaming high"
+        );
+        assert_eq!(q.max_wait, Duration::from_secs(600), "docs/teams.md rc-32");
+
+        let openai = backend(&snap, "openai")
+            .limits
+            .as_deref()
+            .expect("openai limits");
+        assert_eq!(openai.max_in_flight, Some(20), "docs/teams.md rc-28");
+        assert_eq!(openai.per_minute, Some(100), "docs/teams.md rc-29");
+        assert_eq!(
+            openai.min_spacing,
+            Duration::from_millis(100),
+            "docs/teams.md rc-30"
+        );
+        assert_eq!(route(&snap, "llm-egress").backend_name, "openai");
+
+        assert_eq!(
+            snap.server.streams.max_concurrent,
+            Some(100),
+            "docs/teams.md rc-61: 100 streams per instance"
+        );
+        for name in ["copilot-agent", "copilot", "chat"] {
+            let s = route(&snap, name).streams.as_deref();
+            assert_eq!(
+                s.and_then(|s| s.max_duration),
+                Some(Duration::from_secs(600)),
+                "docs/teams.md rc-62: `{name}` streams cut after 10 minutes"
+            );
+        }
+    }
+
+    #[test]
     fn research_copilot_limits() {
         use crate::config::limits::{KeyPart, OnStoreError, TierFrom, UserSource};
         const H: u64 = 3600;

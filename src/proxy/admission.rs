@@ -89,41 +89,8 @@ impl FloodwallProxy {
         let m = &self.shared.admission_metrics;
 
         if streaming {
-            match ra.streams.try_acquire(who.as_deref()) {
-                Ok(slot) => {
-                    let gauge = m
-                        .streams_active
-                        .get_metric_with_label_values(&[&route.name])
-                        .ok();
-                    if let Some(g) = &gauge {
-                        g.inc();
-                    }
-                    let now = Instant::now();
-                    ctx.stream = Some(StreamGuard {
-                        _slot: slot,
-                        gauge,
-                        duration: m
-                            .stream_duration
-                            .get_metric_with_label_values(&[&route.name])
-                            .ok(),
-                        started: now,
-                        cut_at: ra.streams.max_duration().map(|d| now + d),
-                    });
-                }
-                Err(l) => {
-                    if let Ok(c) = m
-                        .sheds
-                        .get_metric_with_label_values(&[&route.name, "stream_limit"])
-                    {
-                        c.inc();
-                    }
-                    let mut r = Reject::new(Reason::StreamLimit, l.to_string());
-                    if l.scope == StreamScope::Identity {
-                        r.status = Some(429);
-                    }
-                    r.retry_after = Some(l.retry_after.as_secs_f64().ceil().max(1.0) as u64);
-                    return self.reject(session, ctx, r, true).await.map(Some);
-                }
+            if let Err(r) = self.take_stream_slot(ctx, active, &route.name) {
+                return self.reject(session, ctx, r, true).await.map(Some);
             }
         }
 
@@ -183,5 +150,62 @@ impl FloodwallProxy {
             }
         }
         Ok(None)
+    }
+}
+
+impl FloodwallProxy {
+    /// Takes a stream slot (route, caller and instance caps) and keeps it
+    /// in `ctx.stream` with the active-streams gauge and the
+    /// `max_duration` deadline; the refusal (`stream_limit`) otherwise.
+    /// Called at admission for `stream: true`, and again when a response
+    /// turns out to be SSE without it.
+    pub(super) fn take_stream_slot(
+        &self,
+        ctx: &mut Ctx,
+        active: &Active,
+        route_name: &str,
+    ) -> Result<(), Reject> {
+        let Some(ra) = active.admission.route(ctx.route_index) else {
+            return Ok(());
+        };
+        let who = ctx.identity.as_ref().and_then(|i| i.user.clone());
+        let m = &self.shared.admission_metrics;
+        match ra.streams.try_acquire(who.as_deref()) {
+            Ok(slot) => {
+                let gauge = m
+                    .streams_active
+                    .get_metric_with_label_values(&[route_name])
+                    .ok();
+                if let Some(g) = &gauge {
+                    g.inc();
+                }
+                let now = Instant::now();
+                ctx.stream = Some(StreamGuard {
+                    _slot: slot,
+                    gauge,
+                    duration: m
+                        .stream_duration
+                        .get_metric_with_label_values(&[route_name])
+                        .ok(),
+                    started: now,
+                    cut_at: ra.streams.max_duration().map(|d| now + d),
+                });
+                Ok(())
+            }
+            Err(l) => {
+                if let Ok(c) = m
+                    .sheds
+                    .get_metric_with_label_values(&[route_name, "stream_limit"])
+                {
+                    c.inc();
+                }
+                let mut r = Reject::new(Reason::StreamLimit, l.to_string());
+                if l.scope == StreamScope::Identity {
+                    r.status = Some(429);
+                }
+                r.retry_after = Some(l.retry_after.as_secs_f64().ceil().max(1.0) as u64);
+                Err(r)
+            }
+        }
     }
 }

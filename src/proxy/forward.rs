@@ -619,10 +619,27 @@ impl FloodwallProxy {
         _scanner: Option<SseScanner>,
         first_token_due: Option<Instant>,
     ) -> Result<bool> {
+        let sse = is_sse(&resp);
+        // A response that turns out to be SSE is a stream too, even without
+        // `stream: true`: it needs a stream slot before anything is sent.
+        if sse && ctx.stream.is_none() {
+            if let Some(active) = ctx.active.clone() {
+                if let Err(r) = self.take_stream_slot(ctx, &active, &route.name) {
+                    upstream::release(
+                        &self.connector,
+                        backend,
+                        answer.endpoint,
+                        answer.session,
+                        false,
+                    )
+                    .await;
+                    return self.reject(session, ctx, r, true).await;
+                }
+            }
+        }
         self.prepare_response(session, ctx, &mut resp)?;
         resp.insert_header("x-floodwall-backend", backend_name)?;
         ctx.status = resp.status.as_u16();
-        let sse = is_sse(&resp);
         let head_only =
             session.req_header().method == http::Method::HEAD || matches!(ctx.status, 204 | 304);
         if let Err(e) = session.write_response_header(Box::new(resp), false).await {
@@ -639,6 +656,16 @@ impl FloodwallProxy {
             return Err(e);
         }
         ctx.response_started = true;
+        if ctx.stream.is_some() {
+            if let Ok(h) = self
+                .shared
+                .admission_metrics
+                .stream_ttfb
+                .get_metric_with_label_values(&[&route.name])
+            {
+                h.observe(ctx.start.elapsed().as_secs_f64());
+            }
+        }
         let mut bytes_out = 0u64;
         let mut end = None;
         for chunk in held {

@@ -118,7 +118,17 @@ async fn open_stream(
 
 /// A stream that was admitted: 200 and its first SSE event read.
 async fn hold_stream(addr: SocketAddr, user: &str, fault: &str) -> HttpSession {
-    let (mut s, _) = open_stream(addr, user, fault, &[]).await;
+    hold_stream_with(addr, user, fault, &[]).await
+}
+
+/// [`hold_stream`] with extra request headers.
+async fn hold_stream_with(
+    addr: SocketAddr,
+    user: &str,
+    fault: &str,
+    extra: &[(&str, &str)],
+) -> HttpSession {
+    let (mut s, _) = open_stream(addr, user, fault, extra).await;
     let status = s.response_header().unwrap().status.as_u16();
     assert_eq!(status, 200, "the stream is admitted");
     let first = tokio::time::timeout(Duration::from_secs(5), s.read_response_body())
@@ -134,7 +144,17 @@ async fn hold_stream(addr: SocketAddr, user: &str, fault: &str) -> HttpSession {
 
 /// A whole streaming chat request as `user`.
 async fn stream_to_end(addr: SocketAddr, user: &str, fault: &str) -> Resp {
-    let (mut s, started) = open_stream(addr, user, fault, &[]).await;
+    stream_to_end_with(addr, user, fault, &[]).await
+}
+
+/// [`stream_to_end`] with extra request headers.
+async fn stream_to_end_with(
+    addr: SocketAddr,
+    user: &str,
+    fault: &str,
+    extra: &[(&str, &str)],
+) -> Resp {
+    let (mut s, started) = open_stream(addr, user, fault, extra).await;
     read_all(&mut s, started, Duration::from_secs(10)).await
 }
 
@@ -286,38 +306,150 @@ async fn a_third_stream_of_one_user_gets_429_stream_limit_and_one_is_admitted_af
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_route_stream_cap_answers_503_stream_limit_and_lets_other_requests_through() {
+async fn route_and_instance_stream_caps_answer_503_stream_limit_and_let_other_requests_through() {
     let mock = start_mock().await;
-    let routes = "  - name: chat\n    match: { path_prefix: / }\n    backend: main\n    streams: { max_concurrent: 1 }\n";
-    let fw = Floodwall::start(&adm_policy(&mock, "", "", routes)).await;
+    // `capped` (one stream) for requests with `x-route: capped`, `other`
+    // (no cap of its own) for the rest; two streams in the instance.
+    let routes = "  - name: capped\n    match: { path_prefix: /, header: { x-route: capped } }\n    backend: main\n    streams: { max_concurrent: 1 }\n  - name: other\n    match: { path_prefix: / }\n    backend: main\n";
+    let server = "  streams: { max_concurrent: 2 }\n";
+    let fw = Floodwall::start(&adm_policy(&mock, server, "", routes)).await;
+    let capped = [("x-route", "capped")];
 
-    let held = hold_stream(fw.addr, "alice", ENDLESS).await;
+    let held_capped = hold_stream_with(fw.addr, "alice", ENDLESS, &capped).await;
     // Another caller: the route's cap counts every caller.
-    let refused = stream_to_end(fw.addr, "bob", "chunks=2").await;
+    let refused = stream_to_end_with(fw.addr, "bob", "chunks=2", &capped).await;
     refused.assert_floodwall_error(503, "stream_limit");
     assert!(retry_after(&refused) >= 1);
+    let message = refused.json()["error"]["message"].clone();
     assert!(
-        refused.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("route limit of 1"),
-        "{}",
-        refused.text()
+        message.as_str().unwrap().contains("route limit of 1"),
+        "{message}"
     );
     // A request that is not a stream takes no stream slot.
     let plain = Client::new()
-        .post_json(fw.addr, "/v1/chat/completions", &chat_body("hi", false))
+        .send(
+            fw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("content-type", "application/json"), ("x-route", "capped")],
+            chat_body("hi", false).to_string().as_bytes(),
+        )
         .await;
     assert_eq!(plain.status, 200, "{}", plain.text());
 
-    drop(held);
-    fw.wait_metrics("the stream slot back", |m| {
-        metric(m, &streams_active("chat")) == Some(0.0)
+    // The instance cap counts every route: a second stream elsewhere fills it.
+    let held_other = hold_stream(fw.addr, "carol", ENDLESS).await;
+    let refused = stream_to_end(fw.addr, "dave", "chunks=2").await;
+    refused.assert_floodwall_error(503, "stream_limit");
+    assert!(retry_after(&refused) >= 1);
+    let message = refused.json()["error"]["message"].clone();
+    assert!(
+        message.as_str().unwrap().contains("instance limit of 2"),
+        "{message}"
+    );
+    let adm = admission(&fw).await;
+    assert_eq!(
+        (adm["streams_active"].as_u64(), adm["streams_max"].as_u64()),
+        (Some(2), Some(2)),
+        "{adm}"
+    );
+    let m = fw.metrics().await;
+    assert_eq!(
+        metric(&m, &rejections("capped", "stream_limit")),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, &rejections("other", "stream_limit")),
+        Some(1.0),
+        "{m}"
+    );
+
+    // A stream ends: the instance has room again, and the route too.
+    drop(held_capped);
+    fw.wait_metrics("the capped route's stream slot back", |m| {
+        metric(m, &streams_active("capped")) == Some(0.0)
     })
     .await;
-    let next = stream_to_end(fw.addr, "bob", "chunks=2").await;
+    let next = stream_to_end(fw.addr, "dave", "chunks=2").await;
     assert_eq!(next.status, 200);
     assert!(next.complete);
+    fw.wait_metrics("that stream's slot back", |m| {
+        metric(m, &streams_active("other")) == Some(1.0)
+    })
+    .await;
+    let next = stream_to_end_with(fw.addr, "bob", "chunks=2", &capped).await;
+    assert_eq!(next.status, 200);
+    assert!(next.complete);
+    drop(held_other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_turns_out_to_be_sse_takes_a_stream_slot_too() {
+    let mock = start_mock().await;
+    let routes = "  - name: chat\n    match: { path_prefix: / }\n    backend: main\n    streams: { max_concurrent: 1 }\n";
+    let fw = Floodwall::start(&adm_policy(&mock, "", "", routes)).await;
+    // `stream: false`, but the backend answers with an endless SSE stream.
+    let sse_without_asking = |fault: &'static str| {
+        let body = chat_body("hello", false).to_string();
+        async move {
+            let h = [
+                ("content-type", "application/json"),
+                ("x-mock-fault", fault),
+            ];
+            open(fw.addr, "POST", "/v1/chat/completions", &h, body.as_bytes()).await
+        }
+    };
+    let (mut held, _) = sse_without_asking(ENDLESS).await;
+    let head = held.response_header().unwrap().clone();
+    assert_eq!(head.status.as_u16(), 200);
+    assert_eq!(head.headers["content-type"], "text/event-stream");
+    let first = tokio::time::timeout(Duration::from_secs(5), held.read_response_body())
+        .await
+        .expect("first event in time")
+        .expect("first event");
+    assert!(first.is_some());
+    let m = fw.metrics().await;
+    assert_eq!(metric(&m, &streams_active("chat")), Some(1.0), "{m}");
+
+    // It holds the route's one stream slot: an asked-for stream is refused...
+    stream_to_end(fw.addr, "bob", "chunks=2")
+        .await
+        .assert_floodwall_error(503, "stream_limit");
+    // ...and so is another unasked one, when its SSE answer arrives (the
+    // upstream request is then dropped).
+    let (mut s, started) = sse_without_asking("heartbeat=100ms;scenario=late-sse").await;
+    let r = read_all(&mut s, started, Duration::from_secs(5)).await;
+    r.assert_floodwall_error(503, "stream_limit");
+    eventually(
+        "the refused SSE answer's upstream to close",
+        Duration::from_secs(3),
+        || async {
+            (mock.stats().attempts("late-sse").first()?.outcome == "disconnected").then_some(())
+        },
+    )
+    .await;
+
+    drop(held);
+    let m = fw
+        .wait_metrics("the stream slot back", |m| {
+            metric(m, &streams_active("chat")) == Some(0.0)
+        })
+        .await;
+    assert_eq!(
+        value(
+            &m,
+            "floodwall_stream_duration_seconds_count",
+            &[("route", "chat")]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, &rejections("chat", "stream_limit")),
+        Some(2.0),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,7 +459,7 @@ async fn a_client_leaving_mid_stream_frees_the_upstream_within_1s_and_every_gaug
     let fw = Floodwall::start(&adm_policy(&mock, "", "", routes)).await;
     // Slow chunks: floodwall must notice the client leaving by itself, not
     // when its next write fails.
-    let fault = "chunk_delay=400ms;chunks=50";
+    let fault = "chunk_delay=3s;chunks=5";
     let s = hold_stream(fw.addr, "alice", fault).await;
     let m = fw.metrics().await;
     for s in [
@@ -445,6 +577,24 @@ async fn max_duration_ends_a_long_stream_with_a_stream_timeout_event_and_counts_
         0.0,
         "a cut is not a disconnect"
     );
+    assert_eq!(
+        value(
+            &m,
+            "floodwall_stream_ttfb_seconds_count",
+            &[("route", "chat")]
+        ),
+        1.0,
+        "time to first byte observed: {m}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "floodwall_stream_duration_seconds_count",
+            &[("route", "chat")]
+        ),
+        1.0,
+        "{m}"
+    );
 }
 
 // ------------------------------------------------------------ concurrency and the queue
@@ -457,7 +607,7 @@ const PRIORITY_ROUTE: &str = "  - name: agent
       queue:
         max_depth: 10
         max_wait: 10s
-        priority: { header: x-priority, classes: [interactive, normal, batch], default: normal }
+        priority: { header: x-priority, classes: [interactive, normal, batch], default: normal, streaming: interactive }
 ";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -466,6 +616,8 @@ async fn when_the_slot_frees_a_queued_interactive_request_goes_before_an_earlier
     let fw = Floodwall::start(&adm_policy(&mock, "", "", PRIORITY_ROUTE)).await;
     let holder = hold_stream(fw.addr, "holder", ENDLESS).await;
 
+    // Queued in this order: batch (by header), normal (the default),
+    // interactive (by header, any case), a stream (no header: `streaming`).
     let fault = |s: &str| ("x-mock-fault", format!("scenario={s};latency=100ms"));
     let batch = spawn_get(
         fw.addr,
@@ -475,19 +627,35 @@ async fn when_the_slot_frees_a_queued_interactive_request_goes_before_an_earlier
         queued(a, "agent", "batch") == 1
     })
     .await;
+    let normal = spawn_get(fw.addr, vec![fault("normal")]);
+    wait_admission(&fw, "the normal request to queue", |a| {
+        queued(a, "agent", "normal") == 1
+    })
+    .await;
     let interactive = spawn_get(
         fw.addr,
         vec![("x-priority", "Interactive".into()), fault("interactive")],
     );
-    let adm = wait_admission(&fw, "the interactive request to queue", |a| {
+    wait_admission(&fw, "the interactive request to queue", |a| {
         queued(a, "agent", "interactive") == 1
+    })
+    .await;
+    let streamed = tokio::spawn({
+        let addr = fw.addr;
+        async move {
+            let r = stream_to_end(addr, "streamer", "scenario=streamed;chunks=2").await;
+            (r, Instant::now())
+        }
+    });
+    let adm = wait_admission(&fw, "the stream to queue as interactive", |a| {
+        queued(a, "agent", "interactive") == 2
     })
     .await;
     let agent = route_status(&adm, "agent");
     assert_eq!(agent["concurrency"]["in_flight"], 1, "{adm}");
     assert_eq!(agent["concurrency"]["max_in_flight"], 1, "{adm}");
     assert_eq!(queued(&adm, "agent", "batch"), 1, "{adm}");
-    assert_eq!(queued(&adm, "agent", "normal"), 0, "{adm}");
+    assert_eq!(queued(&adm, "agent", "normal"), 1, "{adm}");
     assert!(
         agent["concurrency"]["oldest_wait_ms"].as_u64().unwrap() > 0,
         "{adm}"
@@ -495,15 +663,15 @@ async fn when_the_slot_frees_a_queued_interactive_request_goes_before_an_earlier
     let m = fw.metrics().await;
     assert_eq!(
         metric(&m, &queue_depth("agent", "interactive")),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, &queue_depth("agent", "normal")),
         Some(1.0),
         "{m}"
     );
     assert_eq!(metric(&m, &queue_depth("agent", "batch")), Some(1.0), "{m}");
-    assert_eq!(
-        metric(&m, &queue_depth("agent", "normal")),
-        Some(0.0),
-        "{m}"
-    );
     assert_eq!(metric(&m, &route_in_flight("agent")), Some(1.0), "{m}");
     assert_eq!(
         mock.stats().requests,
@@ -513,23 +681,30 @@ async fn when_the_slot_frees_a_queued_interactive_request_goes_before_an_earlier
 
     drop(holder);
     let (ri, done_i) = join(interactive).await;
+    let (rs, _) = join(streamed).await;
+    let (rn, _) = join(normal).await;
     let (rb, done_b) = join(batch).await;
-    assert_eq!((ri.status, rb.status), (200, 200));
-    assert!(done_i < done_b, "interactive finished first");
-    let stats = mock.stats();
-    let (at_i, at_b) = (
-        stats.attempts("interactive")[0].at_ms,
-        stats.attempts("batch")[0].at_ms,
+    assert_eq!(
+        (ri.status, rs.status, rn.status, rb.status),
+        (200, 200, 200, 200)
     );
+    assert!(rs.complete);
+    assert!(done_i < done_b, "interactive finished before batch");
+    // One at a time (max_in_flight 1), so the backend saw them in the
+    // order they were admitted: by class, then by arrival.
+    let stats = mock.stats();
+    let order = ["interactive", "streamed", "normal", "batch"];
+    let at: Vec<f64> = order.iter().map(|s| stats.attempts(s)[0].at_ms).collect();
     assert!(
-        at_i + 50.0 < at_b,
-        "the backend saw interactive at {at_i} ms, batch at {at_b} ms"
+        at.windows(2).all(|w| w[0] < w[1]),
+        "the backend saw {order:?} at {at:?} ms"
     );
     let m = fw
         .wait_metrics("the queue and the slot to empty", |m| {
             metric(m, &route_in_flight("agent")) == Some(0.0)
-                && metric(m, &queue_depth("agent", "batch")) == Some(0.0)
-                && metric(m, &queue_depth("agent", "interactive")) == Some(0.0)
+                && ["interactive", "normal", "batch"]
+                    .iter()
+                    .all(|c| metric(m, &queue_depth("agent", c)) == Some(0.0))
         })
         .await;
     assert_eq!(
@@ -538,7 +713,7 @@ async fn when_the_slot_frees_a_queued_interactive_request_goes_before_an_earlier
             "floodwall_queue_wait_seconds_count",
             &[("route", "agent")]
         ),
-        2.0,
+        4.0,
         "{m}"
     );
 }
@@ -775,6 +950,33 @@ async fn backend_min_spacing_shows_in_the_mock_attempt_times() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_over_the_backend_per_minute_limit_gets_503_upstream_quota_with_the_wait() {
+    let mock = start_mock().await;
+    let routes = "  - name: llm\n    match: { path_prefix: / }\n    backend: main\n";
+    // `max_wait: 0s`: a call that cannot start at once is refused at once.
+    let limits = "    limits: { per_minute: 2, max_wait: 0s }\n";
+    let fw = Floodwall::start(&adm_policy(&mock, "", limits, routes)).await;
+    for _ in 0..2 {
+        let r = get(fw.addr, &[("x-mock-fault", "scenario=minute")]).await;
+        assert_eq!(r.status, 200);
+    }
+    let started = Instant::now();
+    let r = get(fw.addr, &[("x-mock-fault", "scenario=minute")]).await;
+    r.assert_floodwall_error(503, "upstream_quota");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
+    // The first call leaves the 60 s window in just under a minute.
+    assert!(
+        (50..=60).contains(&retry_after(&r)),
+        "Retry-After {:?}",
+        r.header("retry-after")
+    );
+    assert_eq!(mock.stats().attempts("minute").len(), 2);
+}
+
 // ------------------------------------------------------------ soak
 
 fn soak_policy(mock: &MockServer, route_max: u32, calls_max: u32) -> String {
@@ -809,7 +1011,11 @@ async fn soak_one(addr: SocketAddr, i: usize) -> Result<(), String> {
     let r = mix(i as u64);
     let user = format!("u{}", r % 10);
     let kind = (r >> 8) % 100;
-    let priority = if (r >> 16) % 4 == 0 { "low" } else { "high" };
+    let priority = if (r >> 16).is_multiple_of(4) {
+        "low"
+    } else {
+        "high"
+    };
     let pause = Duration::from_millis((r >> 24) % 40);
     let extra = [("x-priority", priority)];
     match kind {
@@ -973,10 +1179,14 @@ async fn soak_with_disconnects_cuts_and_a_reload_leaves_every_gauge_at_0_and_rss
     let mock = start_mock().await;
     let fw = Floodwall::start(&soak_policy(&mock, 40, 35)).await;
 
-    // Warm-up: the same mix, so that pools, buffers and the allocator's
-    // arenas reach their working size.
-    let errors = soak_pass(fw.addr, 0, WARM, WORKERS, async {}).await;
-    assert!(errors.is_empty(), "warm-up: {errors:#?}");
+    // Warm-up: the same mix, twice, so that connection pools, buffers and
+    // the allocator's arenas reach their working size (measured here: the
+    // first pass leaves RSS about 2 MiB short of where it settles; from the
+    // second on it stays flat within a few hundred KiB over 20 passes).
+    for pass in 0..2 {
+        let errors = soak_pass(fw.addr, pass * WARM, WARM, WORKERS, async {}).await;
+        assert!(errors.is_empty(), "warm-up: {errors:#?}");
+    }
     assert_soak_gauges_at_zero(&fw, "after the warm-up").await;
     let warm = rss_kib(fw.pid());
 
@@ -988,7 +1198,7 @@ async fn soak_with_disconnects_cuts_and_a_reload_leaves_every_gauge_at_0_and_rss
         })
         .await;
     };
-    let errors = soak_pass(fw.addr, WARM, SOAK, WORKERS, reload).await;
+    let errors = soak_pass(fw.addr, 2 * WARM, SOAK, WORKERS, reload).await;
     assert!(errors.is_empty(), "soak: {errors:#?}");
     assert_soak_gauges_at_zero(&fw, "after the soak").await;
     let m = fw.metrics().await;
@@ -1005,30 +1215,15 @@ async fn soak_with_disconnects_cuts_and_a_reload_leaves_every_gauge_at_0_and_rss
         "soak: RSS {warm} KiB after the warm-up, {after} KiB after the soak; {:?} in all",
         started.elapsed()
     );
-    // 10% of the warm level, and at least 2 MiB: a debug build's RSS is a
-    // few tens of MiB, and allocator arenas grow in steps of their own
-    // (a thread's arena, a 1 MiB mmap threshold), so a step that happens
-    // to fall in the soak is not a leak. A leak of the soak's scale (two
-    // passes' worth of streams, each holding buffers of tens of KiB) shows
-    // well above that.
+    // The issue's bound: within 10% of the warm level (about 4 MiB on this
+    // debug build, twice the largest step seen after a warm-up), with a
+    // floor of 2 MiB in case the build gets much leaner, since glibc's
+    // arenas grow in steps of their own that are not leaks. A leak of a
+    // few KiB per request (a stream's buffers, a slot, a metric series per
+    // request) over these 300 requests shows well above it.
     let allowed = (warm / 10).max(2048);
     assert!(
         after <= warm + allowed,
         "RSS grew from {warm} KiB to {after} KiB (allowed +{allowed} KiB)"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn tmp_rss_experiment() {
-    let mock = start_mock().await;
-    let fw = Floodwall::start(&soak_policy(&mock, 40, 35)).await;
-    let mut from = 0;
-    for pass in 0..24 {
-        let errors = soak_pass(fw.addr, from, 300, 50, async {}).await;
-        from += 300;
-        assert!(errors.is_empty(), "{errors:#?}");
-        assert_soak_gauges_at_zero(&fw, "x").await;
-        eprintln!("pass {pass}: RSS {} KiB", rss_kib(fw.pid()));
-    }
 }

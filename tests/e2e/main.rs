@@ -13,6 +13,7 @@ mod errors;
 mod headers;
 mod http1;
 mod limits;
+mod operator_kit;
 mod passthrough;
 mod reload;
 mod request_checks;
