@@ -24,6 +24,9 @@ use tracing::info;
 /// final event is written before Pingora stops the runtimes.
 pub const STREAM_MARGIN: Duration = Duration::from_millis(500);
 
+/// How long the process must have been idle before it exits early.
+pub const QUIET: Duration = Duration::from_millis(750);
+
 /// Shutdown state shared by the requests.
 pub struct Shutdown {
     /// When open streams must be ended; `None` until SIGTERM.
@@ -110,14 +113,24 @@ impl BackgroundService for ShutdownService {
         );
         self.state.begin(self.grace);
         let deadline = Instant::now() + self.grace;
+        // Exit only after no request has been in flight for QUIET: a
+        // connection accepted just before the listener closed may not have
+        // had its request read yet, and must not find the process gone.
+        let mut idle_since: Option<Instant> = None;
         loop {
+            let now = Instant::now();
             if self.state.in_flight() == 0 {
-                info!("all requests finished; exiting");
-                // Give the log writer a moment to drain.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                std::process::exit(0);
+                let since = *idle_since.get_or_insert(now);
+                if now.duration_since(since) >= QUIET {
+                    info!("all requests finished; exiting");
+                    // Give the log writer a moment to drain.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    std::process::exit(0);
+                }
+            } else {
+                idle_since = None;
             }
-            if Instant::now() >= deadline {
+            if now >= deadline {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;

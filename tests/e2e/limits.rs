@@ -1003,6 +1003,10 @@ fn example_policy(name: &str, backend: &str) -> String {
             } else if t.starts_with("endpoints:") {
                 endpoints += 1;
                 format!("{indent}endpoints: [\"{backend}\"]")
+            } else if t.starts_with("timeout:") && indent.len() == 4 {
+                // store.redis.timeout: the example's 50ms is for production;
+                // a loaded 2-core test machine can miss it and fail open.
+                format!("{indent}timeout: 2s")
             } else {
                 line.to_string()
             }
