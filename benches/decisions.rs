@@ -528,18 +528,49 @@ fn self_cpu_ns() -> u64 {
     proc_cpu_ns(std::process::id())
 }
 
-/// (read, write) system calls this process has made (`/proc/self/io`
-/// `syscr`/`syscw`: read/recv*/recvmsg and write/send*/sendmsg). Per
-/// sequential decision, one write and one or two reads mean one round trip.
-fn self_syscalls() -> (u64, u64) {
-    let s = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+/// The server's `total_reads_processed` and `total_writes_processed`
+/// (`INFO stats`): how many times it read a batch of commands from a client
+/// and wrote replies back. For a sequential caller, one of each per
+/// decision means one round trip, however many commands the batch held.
+/// (The INFO call itself counts one of each; the caller subtracts it.)
+fn server_io(port: u16) -> (u64, u64) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, 0);
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"*2\r\n$4\r\nINFO\r\n$5\r\nstats\r\n").is_err() {
+        return (0, 0);
+    }
+    let mut text = Vec::new();
+    let mut buf = [0u8; 8192];
+    // A bulk string: `$<len>\r\n<len bytes>\r\n`.
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+        }
+        let header_end = text.windows(2).position(|w| w == b"\r\n");
+        if let Some(h) = header_end {
+            let len: usize = std::str::from_utf8(&text[1..h])
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if text.len() >= h + 2 + len {
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&text);
     let get = |k: &str| {
-        s.lines()
+        text.lines()
             .find_map(|l| l.strip_prefix(k))
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0)
     };
-    (get("syscr:"), get("syscw:"))
+    (
+        get("total_reads_processed:"),
+        get("total_writes_processed:"),
+    )
 }
 
 /// Latency figures from per-call samples plus the throughput.
@@ -555,7 +586,13 @@ fn latency_figures(mut lat: Vec<u64>, ops: u64, elapsed: Duration) -> Figures {
 /// `tasks` concurrent tasks run `op` until `pass` is over; every call timed.
 /// Returns throughput and latency, plus the client's and the server's CPU
 /// per operation.
-async fn redis_item<F, Fut>(tasks: usize, pass: Duration, server_pid: u32, op: F) -> Figures
+async fn redis_item<F, Fut>(
+    tasks: usize,
+    pass: Duration,
+    server_pid: u32,
+    port: u16,
+    op: F,
+) -> Figures
 where
     F: Fn(u64) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = bool> + Send,
@@ -564,7 +601,7 @@ where
         return Vec::new();
     }
     let start = Instant::now();
-    let (c0, s0, io0) = (self_cpu_ns(), proc_cpu_ns(server_pid), self_syscalls());
+    let (c0, s0, io0) = (self_cpu_ns(), proc_cpu_ns(server_pid), server_io(port));
     let handles: Vec<_> = (0..tasks)
         .map(|t| {
             let op = op.clone();
@@ -591,13 +628,13 @@ where
         bad += b;
     }
     let elapsed = start.elapsed();
-    let (c1, s1, io1) = (self_cpu_ns(), proc_cpu_ns(server_pid), self_syscalls());
+    let (c1, s1, io1) = (self_cpu_ns(), proc_cpu_ns(server_pid), server_io(port));
     let ops = lat.len() as u64;
     let mut f = latency_figures(lat, ops, elapsed);
     f.push(("client_cpu_ns", (c1 - c0) as f64 / ops as f64));
     f.push(("server_cpu_ns", (s1 - s0) as f64 / ops as f64));
-    f.push(("reads", (io1.0 - io0.0) as f64 / ops as f64));
-    f.push(("writes", (io1.1 - io0.1) as f64 / ops as f64));
+    f.push(("reads", (io1.0 - io0.0).saturating_sub(1) as f64 / ops as f64));
+    f.push(("writes", (io1.1 - io0.1).saturating_sub(1) as f64 / ops as f64));
     f.push(("bad", bad as f64));
     f
 }
@@ -953,7 +990,7 @@ fn main() {
                 s.set_nodelay(true).unwrap();
                 let mut lat = Vec::new();
                 let start = Instant::now();
-                let (c0, s0, io0) = (self_cpu_ns(), proc_cpu_ns(spid), self_syscalls());
+                let (c0, s0, io0) = (self_cpu_ns(), proc_cpu_ns(spid), server_io(port));
                 let mut buf = [0u8; 7];
                 while start.elapsed() < rpass {
                     let t0 = Instant::now();
@@ -962,13 +999,13 @@ fn main() {
                     lat.push(t0.elapsed().as_nanos() as u64);
                 }
                 let elapsed = start.elapsed();
-                let (c1, s1, io1) = (self_cpu_ns(), proc_cpu_ns(spid), self_syscalls());
+                let (c1, s1, io1) = (self_cpu_ns(), proc_cpu_ns(spid), server_io(port));
                 let n = lat.len() as u64;
                 let mut f = latency_figures(lat, n, elapsed);
                 f.push(("client_cpu_ns", (c1 - c0) as f64 / n as f64));
                 f.push(("server_cpu_ns", (s1 - s0) as f64 / n as f64));
-                f.push(("reads", (io1.0 - io0.0) as f64 / n as f64));
-                f.push(("writes", (io1.1 - io0.1) as f64 / n as f64));
+                f.push(("reads", (io1.0 - io0.0).saturating_sub(1) as f64 / n as f64));
+                f.push(("writes", (io1.1 - io0.1).saturating_sub(1) as f64 / n as f64));
                 items[i].rounds.push(f);
             }
 
@@ -980,7 +1017,7 @@ fn main() {
                     &format!("PING through the store's client (RedisStore::ping), {label}"),
                 );
                 let st = store.clone();
-                let f = rt.block_on(redis_item(tasks, rpass, spid, move |_| {
+                let f = rt.block_on(redis_item(tasks, rpass, spid, port, move |_| {
                     let st = st.clone();
                     async move { st.ping().await.is_ok() }
                 }));
@@ -996,7 +1033,7 @@ fn main() {
                         &format!("decision through Redis: {what}, {label}"),
                     );
                     let (l, s, fx) = (limiter.clone(), snap.clone(), redis_fx.clone());
-                    let f = rt.block_on(redis_item(tasks, rpass, spid, move |n| {
+                    let f = rt.block_on(redis_item(tasks, rpass, spid, port, move |n| {
                         let (l, s, fx) = (l.clone(), s.clone(), fx.clone());
                         async move {
                             let d = l
@@ -1076,7 +1113,7 @@ fn main() {
     }
     if items.iter().any(|i| i.group == "redis") {
         out += "## Through Redis (private redis-server on 127.0.0.1; client: 2 tokio workers)\n\n\
-                | what | ops/s | p50 µs | p99 µs | client CPU µs/op | redis-server CPU µs/op | client write/read syscalls per op |\n|---|---|---|---|---|---|---|\n";
+                | what | ops/s | p50 µs | p99 µs | client CPU µs/op | redis-server CPU µs/op | server reads / writes per op |\n|---|---|---|---|---|---|---|\n";
         for it in items.iter_mut().filter(|i| i.group == "redis") {
             let us = |it: &Item, k: &str| -> String {
                 let v: Vec<f64> = it
@@ -1117,9 +1154,57 @@ fn main() {
                 us(it, "p99_ns"),
                 us(it, "client_cpu_ns"),
                 us(it, "server_cpu_ns"),
-                per_op(it, "writes"),
                 per_op(it, "reads"),
+                per_op(it, "writes"),
             );
+        }
+        out += "\n\"server reads / writes per op\": redis-server's `total_reads_processed` / \
+                `total_writes_processed` (INFO stats) per operation: 1.00 / 1.00 for a sequential \
+                caller is one round trip per operation, whatever the number of commands in it; \
+                under concurrency, batches from several tasks share reads and writes.\n\n";
+        // Paired by round: the decision against PING through the same client.
+        out += "Decision latency against one PING round trip, paired round by round \
+                (decision ÷ PING through the same client, same concurrency):\n\n\
+                | decision | p50 ÷ PING p50 | p99 ÷ PING p99 | p50 minus PING p50 (µs) |\n|---|---|---|---|\n";
+        for label in ["sequential", "64 concurrent tasks"] {
+            let ping = items.iter().find(|i| {
+                i.name == format!("PING through the store's client (RedisStore::ping), {label}")
+            });
+            let Some(ping) = ping else { continue };
+            for it in items
+                .iter()
+                .filter(|i| i.name.starts_with("decision through Redis") && i.name.ends_with(label))
+            {
+                let paired = |k: &str, diff: bool| -> String {
+                    let v: Vec<f64> = it
+                        .rounds
+                        .iter()
+                        .zip(&ping.rounds)
+                        .filter_map(|(a, b)| {
+                            let a = a.iter().find(|(x, _)| *x == k)?.1;
+                            let b = b.iter().find(|(x, _)| *x == k)?.1;
+                            Some(if diff { (a - b) / 1000.0 } else { a / b })
+                        })
+                        .collect();
+                    if v.is_empty() {
+                        return "-".into();
+                    }
+                    let (m, lo, hi) = med_min_max(v.clone());
+                    let f = |x: f64| if diff { format!("{x:+.1}") } else { format!("{x:.2}×") };
+                    if v.len() == 1 {
+                        f(m)
+                    } else {
+                        format!("{} [{}-{}]", f(m), f(lo), f(hi))
+                    }
+                };
+                out += &format!(
+                    "| {} | {} | {} | {} |\n",
+                    it.name.trim_start_matches("decision through Redis: "),
+                    paired("p50_ns", false),
+                    paired("p99_ns", false),
+                    paired("p50_ns", true),
+                );
+            }
         }
         out += "\n";
     }

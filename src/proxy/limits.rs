@@ -76,19 +76,30 @@ impl UsageTracker {
             );
         }
         if !self.json.is_empty() {
-            if let Ok(v) = serde_json::from_slice::<Value>(&self.json) {
-                if let Some(u) = v.get("usage") {
-                    let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
-                    let input = n("prompt_tokens").max(n("input_tokens"));
-                    let output = n("completion_tokens").max(n("output_tokens"));
-                    return (
-                        Usage {
-                            input_tokens: input,
-                            output_tokens: output,
-                        },
-                        false,
-                    );
-                }
+            // Only `usage` is built; every other field is skipped unparsed.
+            #[derive(serde::Deserialize)]
+            struct Body {
+                usage: Option<RawUsage>,
+            }
+            #[derive(serde::Deserialize)]
+            struct RawUsage {
+                #[serde(default)]
+                prompt_tokens: u64,
+                #[serde(default)]
+                completion_tokens: u64,
+                #[serde(default)]
+                input_tokens: u64,
+                #[serde(default)]
+                output_tokens: u64,
+            }
+            if let Ok(Body { usage: Some(u) }) = serde_json::from_slice::<Body>(&self.json) {
+                return (
+                    Usage {
+                        input_tokens: u.prompt_tokens.max(u.input_tokens),
+                        output_tokens: u.completion_tokens.max(u.output_tokens),
+                    },
+                    false,
+                );
             }
         }
         let output = self.sse.content_chars.div_ceil(ratelimit::CHARS_PER_TOKEN);
@@ -145,9 +156,9 @@ impl FloodwallProxy {
             let r = Reject::new(Reason::InvalidToken, format!("invalid token: {e}"));
             return self.reject(session, ctx, r, true).await.map(Some);
         }
-        let path = req.uri.path().to_string();
-        let headers = req.headers.clone();
         let store_timer = std::time::Instant::now();
+        // The request header is only read while the limiter decides.
+        let req = session.req_header();
         let decision = self
             .shared
             .limiter
@@ -156,8 +167,8 @@ impl FloodwallProxy {
                 &LimitRequest {
                     identity: &ident,
                     route: &route.name,
-                    path: &path,
-                    headers: &headers,
+                    path: req.uri.path(),
+                    headers: &req.headers,
                     llm: ctx.llm.as_ref(),
                     prices: &snap.limits.prices,
                 },
