@@ -633,8 +633,14 @@ where
     let mut f = latency_figures(lat, ops, elapsed);
     f.push(("client_cpu_ns", (c1 - c0) as f64 / ops as f64));
     f.push(("server_cpu_ns", (s1 - s0) as f64 / ops as f64));
-    f.push(("reads", (io1.0 - io0.0).saturating_sub(1) as f64 / ops as f64));
-    f.push(("writes", (io1.1 - io0.1).saturating_sub(1) as f64 / ops as f64));
+    f.push((
+        "reads",
+        (io1.0 - io0.0).saturating_sub(1) as f64 / ops as f64,
+    ));
+    f.push((
+        "writes",
+        (io1.1 - io0.1).saturating_sub(1) as f64 / ops as f64,
+    ));
     f.push(("bad", bad as f64));
     f
 }
@@ -1005,7 +1011,10 @@ fn main() {
                 f.push(("client_cpu_ns", (c1 - c0) as f64 / n as f64));
                 f.push(("server_cpu_ns", (s1 - s0) as f64 / n as f64));
                 f.push(("reads", (io1.0 - io0.0).saturating_sub(1) as f64 / n as f64));
-                f.push(("writes", (io1.1 - io0.1).saturating_sub(1) as f64 / n as f64));
+                f.push((
+                    "writes",
+                    (io1.1 - io0.1).saturating_sub(1) as f64 / n as f64,
+                ));
                 items[i].rounds.push(f);
             }
 
@@ -1190,7 +1199,13 @@ fn main() {
                         return "-".into();
                     }
                     let (m, lo, hi) = med_min_max(v.clone());
-                    let f = |x: f64| if diff { format!("{x:+.1}") } else { format!("{x:.2}×") };
+                    let f = |x: f64| {
+                        if diff {
+                            format!("{x:+.1}")
+                        } else {
+                            format!("{x:.2}×")
+                        }
+                    };
                     if v.len() == 1 {
                         f(m)
                     } else {

@@ -512,6 +512,7 @@ MD=$RESULTS_DIR/load-$STAMP.md
         if (n[k "frps"] == 0) continue
         noise = (v_min(k "fcpu64") <= 1 && v_max(k "fcpu64") >= 1) ? "(within noise)" : "(above noise)"
         if (v_max(k "fcpu64") < 1) noise = "(below 1: noise)"
+        if (n[k "fcpu64"] < 3) noise = "(too few runs to judge noise)"
         printf "| %s ms | %s | %s %s | %s %s | %s | %s | %s |\n", lat, label[t],
           stat(k "frps", "%.2f×"), (t != "floodwall_3rules") ? "" : (v_med(k "frps") >= 0.9) ? "(met)" : "(**missed**)",
           stat(k "fcpu64", "%.2f×"), noise, stat(k "fdcpu64", "%+.1f"),

@@ -1343,8 +1343,16 @@ mod team_examples_hold_their_numbers {
                 (b.failure_rate - rate).abs() < 1e-9,
                 "docs/teams.md rc-35..rc-47: `{name}` trips at {rate}"
             );
-            assert_eq!(b.open_for, secs(reset), "docs/teams.md rc-36..rc-48: `{name}` reset");
-            assert_eq!(b.open_for_max, secs(reset), "`{name}`: the reset does not grow");
+            assert_eq!(
+                b.open_for,
+                secs(reset),
+                "docs/teams.md rc-36..rc-48: `{name}` reset"
+            );
+            assert_eq!(
+                b.open_for_max,
+                secs(reset),
+                "`{name}`: the reset does not grow"
+            );
             assert_eq!(b.window, secs(10.0), "docs/teams.md rc-50: 10 s window");
             assert_eq!(b.min_requests, 5, "docs/teams.md rc-51: minimum volume 5");
         }
@@ -1360,27 +1368,48 @@ mod team_examples_hold_their_numbers {
             ("mcp-tools", 4, 1.0),
         ] {
             let r = &route(&snap, name).retry;
-            assert_eq!(r.attempts, attempts, "docs/teams.md rc-52/rc-58..rc-60: `{name}`");
-            assert_eq!(r.backoff.base, secs(base), "docs/teams.md rc-54/rc-58..rc-60: `{name}`");
+            assert_eq!(
+                r.attempts, attempts,
+                "docs/teams.md rc-52/rc-58..rc-60: `{name}`"
+            );
+            assert_eq!(
+                r.backoff.base,
+                secs(base),
+                "docs/teams.md rc-54/rc-58..rc-60: `{name}`"
+            );
             assert_eq!(r.backoff.factor, 2.0, "docs/teams.md rc-53: `{name}`");
             assert_eq!(r.backoff.max, secs(10.0), "docs/teams.md rc-55: `{name}`");
-            assert_eq!(r.backoff.jitter, Jitter::Full, "docs/teams.md rc-56: `{name}`");
+            assert_eq!(
+                r.backoff.jitter,
+                Jitter::Full,
+                "docs/teams.md rc-56: `{name}`"
+            );
             assert!(
                 r.on.statuses.iter().all(|s| *s >= 500),
                 "docs/teams.md rc-57: `{name}` never retries a 4xx: {:?}",
                 r.on.statuses
             );
             assert!(r.on.connect_error && r.on.timeout, "`{name}`");
-            assert!(r.replay, "docs/teams.md fw-05: `{name}` replays its JSON POSTs");
+            assert!(
+                r.replay,
+                "docs/teams.md fw-05: `{name}` replays its JSON POSTs"
+            );
             assert_eq!(r.rate_limited_multiplier, 1.0, "`{name}`");
         }
         // Fallbacks: skip, skip, degraded, and none for the LLM (error).
-        for (name, code) in [("embeddings", "skip"), ("mcp-tools", "skip"), ("utils", "degraded")] {
+        for (name, code) in [
+            ("embeddings", "skip"),
+            ("mcp-tools", "skip"),
+            ("utils", "degraded"),
+        ] {
             let r = route(&snap, name);
             match r.fallback.as_slice() {
                 [FallbackTarget::Respond { status, body }] => {
                     assert_eq!(*status, 503, "`{name}`");
-                    assert_eq!(body["error"]["code"], code, "docs/teams.md rc-37/rc-45/rc-49: `{name}`");
+                    assert_eq!(
+                        body["error"]["code"], code,
+                        "docs/teams.md rc-37/rc-45/rc-49: `{name}`"
+                    );
                 }
                 other => panic!("`{name}`: fallback {other:?}"),
             }
@@ -1391,7 +1420,11 @@ mod team_examples_hold_their_numbers {
             "docs/teams.md rc-41: LLM fallback is an error (503 circuit_open)"
         );
         for name in ["copilot-agent", "copilot", "chat", "rag", "api"] {
-            assert_eq!(route(&snap, name).retry.attempts, 1, "`{name}` is not retried");
+            assert_eq!(
+                route(&snap, name).retry.attempts,
+                1,
+                "`{name}` is not retried"
+            );
         }
     }
 
@@ -1402,18 +1435,44 @@ mod team_examples_hold_their_numbers {
         for name in ["openai", "anthropic"] {
             let r = &route(&snap, name).retry;
             assert_eq!(r.attempts, 3, "docs/teams.md ci-06: `{name}`");
-            assert!(r.on.connect_error && r.on.timeout, "docs/teams.md ci-01: `{name}`");
-            assert_eq!(r.on.statuses, vec![429, 500, 502, 503, 504], "docs/teams.md ci-01: `{name}`");
-            assert_eq!(r.backoff.base, secs(1.0), "docs/teams.md ci-02/ci-07: `{name}`");
+            assert!(
+                r.on.connect_error && r.on.timeout,
+                "docs/teams.md ci-01: `{name}`"
+            );
+            assert_eq!(
+                r.on.statuses,
+                vec![429, 500, 502, 503, 504],
+                "docs/teams.md ci-01: `{name}`"
+            );
+            assert_eq!(
+                r.backoff.base,
+                secs(1.0),
+                "docs/teams.md ci-02/ci-07: `{name}`"
+            );
             assert_eq!(r.backoff.factor, 2.0, "docs/teams.md ci-02/ci-09: `{name}`");
-            assert_eq!(r.backoff.max, secs(30.0), "docs/teams.md ci-03/ci-08: `{name}`");
-            assert_eq!(r.backoff.jitter, Jitter::Up(0.1), "docs/teams.md ci-05: `{name}`");
-            assert_eq!(r.rate_limited_multiplier, 2.0, "docs/teams.md ci-04: `{name}`");
+            assert_eq!(
+                r.backoff.max,
+                secs(30.0),
+                "docs/teams.md ci-03/ci-08: `{name}`"
+            );
+            assert_eq!(
+                r.backoff.jitter,
+                Jitter::Up(0.1),
+                "docs/teams.md ci-05: `{name}`"
+            );
+            assert_eq!(
+                r.rate_limited_multiplier, 2.0,
+                "docs/teams.md ci-04: `{name}`"
+            );
             // 1 s, then 2 s: initial × base^(attempt-1).
             assert_eq!(r.backoff.nominal(1), secs(1.0));
             assert_eq!(r.backoff.nominal(2), secs(2.0));
             let b = breaker(&snap, name);
-            assert_eq!(b.window, secs(10.0), "docs/teams.md ci-16/ci-17: `{name}` has a breaker");
+            assert_eq!(
+                b.window,
+                secs(10.0),
+                "docs/teams.md ci-16/ci-17: `{name}` has a breaker"
+            );
         }
     }
 
@@ -1423,22 +1482,38 @@ mod team_examples_hold_their_numbers {
         let b = breaker(&snap, "huggingface");
         assert_eq!(b.failure_count, Some(5), "docs/teams.md na-18: 5 failures");
         assert_eq!(b.window, secs(60.0), "docs/teams.md na-18: in 60 s");
-        assert_eq!(b.failure_rate, 1.0, "docs/teams.md na-18: only the count matters");
+        assert_eq!(
+            b.failure_rate, 1.0,
+            "docs/teams.md na-18: only the count matters"
+        );
         assert_eq!(b.open_for, secs(30.0), "docs/teams.md na-19: open 30 s");
-        assert_eq!(b.open_for_max, secs(30.0), "docs/teams.md na-19: every time");
-        assert_eq!(b.half_open_probes, 1, "docs/teams.md na-20: one success closes it");
+        assert_eq!(
+            b.open_for_max,
+            secs(30.0),
+            "docs/teams.md na-19: every time"
+        );
+        assert_eq!(
+            b.half_open_probes, 1,
+            "docs/teams.md na-20: one success closes it"
+        );
         let hf = route(&snap, "hf-egress");
         match hf.fallback.as_slice() {
             [FallbackTarget::Respond { status, body }] => {
                 assert_eq!(*status, 503, "docs/teams.md na-22");
                 let msg = body["error"]["message"].as_str().unwrap_or_default();
-                assert!(msg.contains("temporarily unavailable"), "docs/teams.md na-22: {msg}");
+                assert!(
+                    msg.contains("temporarily unavailable"),
+                    "docs/teams.md na-22: {msg}"
+                );
             }
             other => panic!("hf-egress: fallback {other:?}"),
         }
         assert_eq!(
             hf.fallback_on,
-            FallbackOn { circuit_open: true, retries_exhausted: false },
+            FallbackOn {
+                circuit_open: true,
+                retries_exhausted: false
+            },
             "docs/teams.md na-22: only while the breaker is open"
         );
     }
@@ -1451,10 +1526,20 @@ mod team_examples_hold_their_numbers {
         assert!(backend(&snap, "chat-api").circuit_breaker.is_none());
         let tools = route(&snap, "tools");
         assert_eq!(tools.retry.attempts, 3, "docs/teams.md ac-11");
-        assert_eq!(tools.retry.backoff.factor, 2.0, "docs/teams.md ac-11: exponential");
-        assert_eq!(tools.retry.backoff.nominal(2), secs(1.0), "docs/teams.md ac-11");
+        assert_eq!(
+            tools.retry.backoff.factor, 2.0,
+            "docs/teams.md ac-11: exponential"
+        );
+        assert_eq!(
+            tools.retry.backoff.nominal(2),
+            secs(1.0),
+            "docs/teams.md ac-11"
+        );
         assert!(
-            matches!(tools.fallback.as_slice(), [FallbackTarget::Respond { status: 503, .. }]),
+            matches!(
+                tools.fallback.as_slice(),
+                [FallbackTarget::Respond { status: 503, .. }]
+            ),
             "docs/teams.md ac-12: {:?}",
             tools.fallback
         );
