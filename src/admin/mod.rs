@@ -591,9 +591,11 @@ mod tests {
             rate_limits: vec![],
             concurrency: None,
             streams: None,
+            cache: None,
         });
         Snapshot {
             version: 1,
+            cache_store: Default::default(),
             source: SourceInfo {
                 path: PathBuf::from("policies/test.yaml"),
                 hash: "deadbeef".into(),

@@ -38,8 +38,8 @@ pub type Env<'e> = &'e dyn Fn(&str) -> Option<String>;
 /// any route.
 pub const NOT_SUPPORTED_YET: PlannedTable = &[
     ("server", "max_connections"),
-    ("routes[]", "cache"),
-    ("routes[].fallback[]", "stale_cache"),
+    ("routes[].cache", "stale_while_revalidate"),
+    ("routes[].cache", "convert"),
 ];
 
 const ROOT_FIELDS: &[&str] = &[
@@ -70,7 +70,7 @@ const CORS_FIELDS: &[&str] = &[
     "allow_credentials",
     "max_age",
 ];
-const STORE_FIELDS: &[&str] = &["redis"];
+const STORE_FIELDS: &[&str] = &["redis", "cache"];
 const REDIS_FIELDS: &[&str] = &[
     "url",
     "url_env",
@@ -102,6 +102,7 @@ const ROUTE_FIELDS: &[&str] = &[
     "rate_limits",
     "concurrency",
     "streams",
+    "cache",
 ];
 const MATCH_FIELDS: &[&str] = &["path", "path_prefix", "methods", "host", "header"];
 const REWRITE_FIELDS: &[&str] = &["strip_prefix"];
@@ -184,7 +185,10 @@ pub fn compile(root: &Node, ctx: &Ctx, env: Env<'_>, source: SourceInfo) -> Opti
         Some(v) => server(&v, env),
         None => default_server(),
     };
-    let store = top.get("store").and_then(|v| store(&v, env));
+    let (store, cache_store) = match top.get("store") {
+        Some(v) => store(&v, env),
+        None => (None, Default::default()),
+    };
 
     let backend_entries = top
         .require("backends")
@@ -196,7 +200,7 @@ pub fn compile(root: &Node, ctx: &Ctx, env: Env<'_>, source: SourceInfo) -> Opti
         .collect();
     let routes = top
         .require("routes")
-        .map(|v| routes(&v, &backend_names))
+        .map(|v| routes(&v, &backend_names, store.is_some()))
         .unwrap_or_default();
     let limits = super::limits::compile(&mut top, env, &routes);
     drop(top);
@@ -216,6 +220,7 @@ pub fn compile(root: &Node, ctx: &Ctx, env: Env<'_>, source: SourceInfo) -> Opti
         source,
         server,
         store,
+        cache_store,
         backends,
         backend_index,
         routes,
@@ -422,12 +427,34 @@ fn header_list(list: &Value<'_>) -> Vec<String> {
 
 // ---------------------------------------------------------------- store
 
-fn store(v: &Value<'_>, env: Env<'_>) -> Option<StoreConfig> {
-    let mut m = v.map(STORE_FIELDS)?;
-    let redis_value = m.require("redis")?;
+/// `store`: Redis (optional) and the cache tiers' settings.
+fn store(
+    v: &Value<'_>,
+    env: Env<'_>,
+) -> (Option<StoreConfig>, crate::policy::cache::CacheStoreConfig) {
+    let Some(mut m) = v.map(STORE_FIELDS) else {
+        return (None, Default::default());
+    };
+    let cache = match m.get("cache") {
+        Some(c) => c
+            .map(super::cache::STORE_CACHE_FIELDS)
+            .map(|mut cm| super::cache::store_cache(&mut cm))
+            .unwrap_or_default(),
+        None => Default::default(),
+    };
+    if !m.has("cache") && !m.has("redis") && !m.misspelled(&["redis", "cache"]) {
+        v.error(
+            "set `redis` (shared state) or `cache` (cache sizes); omit `store` for in-memory state",
+        );
+    }
+    let redis = m.get("redis").and_then(|r| redis(&r, env));
+    (redis, cache)
+}
+
+fn redis(redis_value: &Value<'_>, env: Env<'_>) -> Option<StoreConfig> {
     let mut r = redis_value.map(REDIS_FIELDS)?;
 
-    let url = redis_url(&redis_value, r.get("url"), r.get("url_env"), env);
+    let url = redis_url(redis_value, r.get("url"), r.get("url_env"), env);
     let key_prefix = match r.get("key_prefix") {
         Some(p) => p
             .parse_with("a key prefix", |s| {
@@ -652,7 +679,7 @@ pub(super) fn check_readable_file(path: &str) -> Result<PathBuf, String> {
 
 // ---------------------------------------------------------------- routes
 
-fn routes(v: &Value<'_>, backend_names: &[String]) -> Vec<Route> {
+fn routes(v: &Value<'_>, backend_names: &[String], has_redis: bool) -> Vec<Route> {
     let Some(items) = v.list() else {
         return Vec::new();
     };
@@ -678,12 +705,17 @@ fn routes(v: &Value<'_>, backend_names: &[String]) -> Vec<Route> {
             }
             Some(name.to_string())
         });
-        out.push(route(&mut m, name.unwrap_or_default(), backend_names));
+        out.push(route(
+            &mut m,
+            name.unwrap_or_default(),
+            backend_names,
+            has_redis,
+        ));
     }
     out
 }
 
-fn route(m: &mut Map<'_>, name: String, backend_names: &[String]) -> Route {
+fn route(m: &mut Map<'_>, name: String, backend_names: &[String], has_redis: bool) -> Route {
     let (matcher, path_valid) = match m.require("match") {
         Some(v) => route_match(&v),
         None => (match_everything(), false),
@@ -709,10 +741,18 @@ fn route(m: &mut Map<'_>, name: String, backend_names: &[String]) -> Route {
         .map_or_else(RetryPolicy::single_attempt, |v| {
             super::resilience::retry(&v)
         });
+    let cache_value = m.get("cache");
+    let cache = cache_value
+        .as_ref()
+        .map(|v| super::cache::route_cache(v, has_redis));
+    if let (Some(v), true) = (&cache_value, websocket) {
+        v.error("a `websocket: true` route cannot be cached; remove `cache` or `websocket`");
+    }
+    let stale_ok = cache.as_ref().is_some_and(|c| c.stale_if_error.is_some());
     let fallback_value = m.get("fallback");
     let fallback = fallback_value
         .as_ref()
-        .map(|v| super::resilience::fallback(v, &backend_name, backend_names))
+        .map(|v| super::resilience::fallback(v, &backend_name, backend_names, stale_ok))
         .unwrap_or_default();
     let fallback_on = super::resilience::fallback_on(m.get("fallback_on"), fallback_value.as_ref());
     Route {
@@ -737,6 +777,7 @@ fn route(m: &mut Map<'_>, name: String, backend_names: &[String]) -> Route {
         streams: m
             .get("streams")
             .map(|v| Arc::new(super::admission::streams(&v))),
+        cache: cache.map(Arc::new),
     }
 }
 

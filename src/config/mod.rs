@@ -17,6 +17,7 @@
 //! applied live.
 
 pub mod admission;
+pub mod cache;
 pub mod compile;
 pub mod decode;
 pub mod limits;

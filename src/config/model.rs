@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub source: SourceInfo,
     pub server: ServerConfig,
     pub store: Option<StoreConfig>,
+    /// `store.cache`: the cache tiers' sizes (defaults without it).
+    pub cache_store: crate::policy::cache::CacheStoreConfig,
     /// Backends in file order; routes refer to them by index.
     pub backends: Vec<Arc<Backend>>,
     /// Backend name -> index into `backends`.
@@ -214,6 +216,8 @@ pub struct Route {
     pub concurrency: Option<Arc<ConcurrencyConfig>>,
     /// `streams`: stream caps and `max_duration`.
     pub streams: Option<Arc<StreamsConfig>>,
+    /// `cache`: the response cache.
+    pub cache: Option<Arc<crate::policy::cache::CachePolicy>>,
 }
 
 #[derive(Debug, Clone)]
@@ -303,8 +307,8 @@ pub enum FallbackTarget {
         name: String,
         model: Option<String>,
     },
-    /// An expired cache entry, if there is one (planned with the cache: a
-    /// policy cannot produce it yet).
+    /// An expired cache entry within the route's `cache.stale_if_error`,
+    /// if there is one (`x-cache: STALE`).
     StaleCache,
     /// A static answer.
     Respond {

@@ -52,8 +52,7 @@ const ROUTE_TIMEOUT_FIELDS: &[&str] = &[
     "idle",
     "hold_for_first_token",
 ];
-// `stale_cache` is in NOT_SUPPORTED_YET until the cache lands.
-const FALLBACK_FIELDS: &[&str] = &["backend", "model", "respond"];
+const FALLBACK_FIELDS: &[&str] = &["backend", "model", "respond", "stale_cache"];
 const RESPOND_FIELDS: &[&str] = &["status", "body"];
 
 const RETRY_WORDS: &[&str] = &["connect_error", "timeout", "reset"];
@@ -317,6 +316,7 @@ pub fn fallback(
     v: &Value<'_>,
     route_backend: &str,
     backend_names: &[String],
+    stale_ok: bool,
 ) -> Vec<FallbackTarget> {
     let Some(items) = v.list() else {
         return Vec::new();
@@ -334,6 +334,31 @@ pub fn fallback(
             continue;
         };
         let model = m.get("model");
+        let stale = m.get("stale_cache");
+        if stale.is_some() && (m.has("backend") || m.has("respond")) {
+            item.error("set one target per entry: `backend`, `stale_cache` or `respond`");
+            continue;
+        }
+        if let Some(s) = stale {
+            if let Some(x) = model {
+                x.error("`model` applies only to a `backend` target");
+            }
+            match s.bool() {
+                Some(true) if !stale_ok => s.error(
+                    "needs `cache.stale_if_error` on this route (how old a stale answer may be)",
+                ),
+                Some(true) => {
+                    if out.contains(&FallbackTarget::StaleCache) {
+                        s.error("`stale_cache` is listed twice");
+                    } else {
+                        out.push(FallbackTarget::StaleCache);
+                    }
+                }
+                Some(false) => s.error("`stale_cache: false` is not a target; remove the entry"),
+                None => {}
+            }
+            continue;
+        }
         match (m.get("backend"), m.get("respond")) {
             (Some(b), None) => {
                 let (index, name) = super::compile::backend_ref(&b, backend_names);
@@ -366,9 +391,8 @@ pub fn fallback(
                 r.error("set one target per entry: `backend`, `stale_cache` or `respond`");
             }
             (None, None) => {
-                // `stale_cache` is reported as planned by the decoder, and a
-                // misspelled target as an unknown field.
-                if !has_key(item.node(), "stale_cache") && !m.misspelled(&["backend", "respond"]) {
+                // A misspelled target is reported as an unknown field.
+                if !m.misspelled(&["backend", "respond", "stale_cache"]) {
                     item.error(
                         "set a target: `backend` (another backend, optionally with `model`), `stale_cache: true` or `respond` (a static answer)",
                     );
@@ -518,10 +542,6 @@ fn status_list(v: &Value<'_>, range: RangeInclusive<u64>) -> Vec<u16> {
         out.push(status);
     }
     out
-}
-
-fn has_key(node: &Node, name: &str) -> bool {
-    matches!(&node.kind, NodeKind::Map(entries) if entries.iter().any(|(k, _)| k.name == name))
 }
 
 /// A YAML value as JSON: plain scalars that read as booleans or numbers
@@ -901,7 +921,7 @@ routes:
                 "p.yaml:19:9 routes[0].fallback[5]: comes after the static `respond` at routes[0].fallback[4], which always answers, so it would never be tried; `respond` must be last",
                 "p.yaml:19:9 routes[0].fallback[5]: set a target: `backend` (another backend, optionally with `model`), `stale_cache: true` or `respond` (a static answer)",
                 "p.yaml:20:9 routes[0].fallback[6]: comes after the static `respond` at routes[0].fallback[4], which always answers, so it would never be tried; `respond` must be last",
-                "p.yaml:20:9 routes[0].fallback[6].stale_cache: `routes[0].fallback[6].stale_cache` is not supported yet (planned)",
+                "p.yaml:20:22 routes[0].fallback[6].stale_cache: needs `cache.stale_if_error` on this route (how old a stale answer may be)",
                 "p.yaml:21:9 routes[0].fallback[7]: comes after the static `respond` at routes[0].fallback[4], which always answers, so it would never be tried; `respond` must be last",
                 "p.yaml:21:36 routes[0].fallback[7].respond: set one target per entry: `backend`, `stale_cache` or `respond`",
                 "p.yaml:22:33 routes[0].fallback_on[1]: `circuit_open` is listed twice",

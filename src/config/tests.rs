@@ -280,14 +280,13 @@ routes:
   - name: all
     match: { path_prefix: / }
     backend: local
-    fallback: [{ stale_cache: true }]
-    cache: {}
+    cache: { stale_while_revalidate: 1m, convert: true }
 ";
     let errs = errors(text);
     let expected_paths = [
         "server.max_connections",
-        "routes[0].fallback[0].stale_cache",
-        "routes[0].cache",
+        "routes[0].cache.stale_while_revalidate",
+        "routes[0].cache.convert",
     ];
     assert_eq!(errs.len(), expected_paths.len(), "{errs:#?}");
     for (err, path) in errs.iter().zip(expected_paths) {

@@ -16,11 +16,14 @@
 //!   budgets), in memory or shared through Redis (`crate::store`);
 //! - [`concurrency`]: in-flight caps per route and per identity, the
 //!   priority admission queue, and the pace of outgoing calls per backend;
-//! - [`streams`]: concurrent-stream caps per instance, route and identity.
+//! - [`streams`]: concurrent-stream caps per instance, route and identity;
+//! - [`cache`]: response-cache keys, storability, entries, the memory LRU
+//!   and request collapsing.
 //!
 //! [`rolling`] is the lock-free, time-bucketed counter both of them use.
 
 pub mod breaker;
+pub mod cache;
 pub mod concurrency;
 pub mod identity;
 pub mod ratelimit;
