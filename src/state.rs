@@ -178,6 +178,12 @@ pub struct Shared {
     /// route and backend name across reloads.
     pub admission: crate::policy::concurrency::AdmissionRegistry,
     pub admission_metrics: crate::telemetry::admission::AdmissionMetrics,
+    /// The response cache's tiers (memory, Redis) and purges. Built once
+    /// from `store` at start-up, like the limiter.
+    pub cache: Arc<crate::store::cache::CacheStore>,
+    pub cache_metrics: crate::telemetry::cache::CacheMetrics,
+    /// Identical cache misses in progress (request collapsing).
+    pub flights: crate::policy::cache::Flights,
     /// SIGTERM handling: requests in flight, and when open streams must end.
     pub shutdown: Arc<crate::shutdown::Shutdown>,
     pub health: Health,
@@ -208,6 +214,14 @@ impl Shared {
         if let Err(e) = admission_metrics.register(metrics.registry()) {
             tracing::error!(error = %e, "cannot register the admission metrics");
         }
+        #[allow(clippy::expect_used)]
+        let cache_metrics =
+            crate::telemetry::cache::CacheMetrics::new().expect("cache metric families are valid");
+        if let Err(e) = cache_metrics.register(metrics.registry()) {
+            tracing::error!(error = %e, "cannot register the cache metrics");
+        }
+        let cache =
+            crate::store::cache::CacheStore::new(&snapshot.cache_store, limiter.redis().cloned());
         let admission = crate::policy::concurrency::AdmissionRegistry::new();
         let active = Active::build_with(snapshot, &resilience, Some(&admission));
         let shared = Arc::new(Shared {
@@ -218,6 +232,9 @@ impl Shared {
             limit_metrics,
             admission,
             admission_metrics,
+            cache,
+            cache_metrics,
+            flights: crate::policy::cache::Flights::new(),
             shutdown: Arc::new(crate::shutdown::Shutdown::default()),
             health: Health::default(),
             started_at: Instant::now(),
@@ -240,6 +257,19 @@ impl Shared {
         for b in self.resilience.breakers.snapshot(Instant::now()) {
             if let Ok(g) = rm.circuit_state.get_metric_with_label_values(&[&b.key]) {
                 g.set(b.state.as_gauge());
+            }
+        }
+        let cm = &self.cache_metrics;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.cache.memory.sweep(now_ms);
+        for (route, u) in self.cache.memory.usage() {
+            if let Ok(g) = cm.entries.get_metric_with_label_values(&[&route]) {
+                g.set(u.entries as i64);
+            }
+            if let Ok(g) = cm.bytes.get_metric_with_label_values(&[&route]) {
+                g.set(u.bytes as i64);
             }
         }
         let active = self.config.load();

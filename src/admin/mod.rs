@@ -25,7 +25,8 @@
 //! [`ServeHttp`] impl only extracts the request's method, path, query and
 //! `Authorization` header and turns the answer into a response.
 
-pub mod limits;
+pub mod cache;
+mod limits;
 pub mod sections;
 
 use std::sync::atomic::Ordering;
@@ -474,6 +475,24 @@ impl ServeHttp for AdminApp {
         let req = session.req_header();
         let authorization = req.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes);
         let head_only = req.method == Method::HEAD;
+        if req.uri.path() == "/admin/cache/purge" {
+            if let Some(expected) = self.shared.snapshot().server.admin.token.as_deref() {
+                if let Err(resp) = check_bearer(expected, authorization) {
+                    return resp.into_http(head_only);
+                }
+            }
+            if req.method != Method::POST {
+                return AdminResponse::error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "purge with POST",
+                    "invalid_request_error",
+                    "method_not_allowed",
+                )
+                .with_header(ALLOW, "POST")
+                .into_http(head_only);
+            }
+            return cache::purge(&self.shared, session).await.into_http(false);
+        }
         if req.uri.path() == "/admin/limits" && (req.method == Method::GET || head_only) {
             if let Some(expected) = self.shared.snapshot().server.admin.token.as_deref() {
                 if let Err(resp) = check_bearer(expected, authorization) {

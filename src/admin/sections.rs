@@ -80,10 +80,70 @@ impl StatusSection for Admission {
     }
 }
 
+/// `cache`: per cached route, the results since start-up (hits, misses,
+/// stale serves, bypasses), the hit ratio, collapsed misses, stores,
+/// evictions, and the memory tier's entries and bytes.
+pub struct Cache(pub Arc<Shared>);
+
+impl StatusSection for Cache {
+    fn name(&self) -> &'static str {
+        "cache"
+    }
+
+    fn render(&self, _query: Option<&str>) -> Value {
+        let active = self.0.active();
+        let m = &self.0.cache_metrics;
+        let usage = self.0.cache.memory.usage();
+        let count = |vec: &prometheus::IntCounterVec, labels: &[&str]| {
+            vec.get_metric_with_label_values(labels)
+                .map(|c| c.get())
+                .unwrap_or(0)
+        };
+        let routes: Vec<Value> = active
+            .snapshot
+            .routes
+            .iter()
+            .filter_map(|route| {
+                let policy = route.cache.as_ref()?;
+                let r = route.name.as_str();
+                let hits = count(&m.requests, &[r, "hit"]);
+                let misses = count(&m.requests, &[r, "miss"]);
+                let stale = count(&m.requests, &[r, "stale"]);
+                let looked_up = hits + misses + stale;
+                let mem = usage.iter().find(|(name, _)| name == r).map(|(_, u)| *u);
+                Some(json!({
+                    "route": r,
+                    "store": policy.store.as_str(),
+                    "ttl_s": policy.ttl.as_secs(),
+                    "hits": hits,
+                    "misses": misses,
+                    "stale": stale,
+                    "bypass": count(&m.requests, &[r, "bypass"]),
+                    "hit_ratio": if looked_up == 0 { Value::Null } else { json!(hits as f64 / looked_up as f64) },
+                    "collapsed": count(&m.collapsed, &[r]),
+                    "stores": count(&m.stores, &[r]),
+                    "evictions": count(&m.evictions, &[r]),
+                    "memory_entries": mem.map_or(0, |u| u.entries),
+                    "memory_bytes": mem.map_or(0, |u| u.bytes),
+                }))
+            })
+            .collect();
+        json!({
+            "memory_bytes": self.0.cache.memory.bytes(),
+            "memory_max_bytes": active.snapshot.cache_store.max_memory,
+            "redis": self.0.cache.has_redis(),
+            "purge_subscription": self.0.cache.subscription_live.load(std::sync::atomic::Ordering::Acquire),
+            "in_flight_misses": self.0.flights.len(),
+            "routes": routes,
+        })
+    }
+}
+
 /// All built-in policy sections, for the admin service.
 pub fn all(shared: &Arc<Shared>) -> Vec<Arc<dyn StatusSection>> {
     vec![
         Arc::new(Breakers(shared.clone())),
         Arc::new(Admission(shared.clone())),
+        Arc::new(Cache(shared.clone())),
     ]
 }

@@ -60,6 +60,8 @@ pub struct Ctx {
     pub active_guard: Option<ActiveGuard>,
     /// Counts the request as in flight for graceful shutdown.
     pub in_flight: Option<crate::shutdown::InFlight>,
+    /// The response cache's state, on a cached route.
+    pub cache: Option<super::cache::CacheCtx>,
 }
 
 impl Ctx {
@@ -96,6 +98,7 @@ impl Ctx {
             usage_estimated: false,
             active_guard: None,
             in_flight: None,
+            cache: None,
         }
     }
 }

@@ -126,6 +126,17 @@ impl FloodwallProxy {
                 targets.push((*backend, model.as_deref()));
             }
         }
+        // Where an explicit `stale_cache` target sits among the backends.
+        let stale_at = route
+            .fallback
+            .iter()
+            .position(|f| *f == FallbackTarget::StaleCache)
+            .map(|i| {
+                1 + route.fallback[..i]
+                    .iter()
+                    .filter(|f| matches!(f, FallbackTarget::Backend { .. }))
+                    .count()
+            });
         let respond = route.fallback.iter().find_map(|f| match f {
             FallbackTarget::Respond { status, body } => Some((*status, body)),
             _ => None,
@@ -137,6 +148,13 @@ impl FloodwallProxy {
             if ti > 0 {
                 if !may_fall_back {
                     break;
+                }
+                // An explicit `fallback: - stale_cache: true` here.
+                if stale_at == Some(ti) {
+                    if let Some(sent) = self.serve_stale(session, ctx).await {
+                        Self::observe_attempts(&metrics, route, ctx.attempts);
+                        return sent;
+                    }
                 }
                 ResilienceMetrics::inc(
                     &metrics.fallbacks,
@@ -259,7 +277,9 @@ impl FloodwallProxy {
                             && why.exhausted_retryable()
                             && more_targets;
                         if let Some(h) = ctx.held_answer.take() {
-                            if may_fall_back {
+                            let stale = ctx.cache.as_ref().is_some_and(|c| c.stale.is_some());
+                            if may_fall_back || stale {
+                                // A fallback, or `cache.stale_if_error`, answers instead.
                                 drain_and_release(&self.connector, &active.backends[h.bidx], h)
                                     .await;
                             } else {
@@ -285,6 +305,11 @@ impl FloodwallProxy {
             }
         }
         Self::observe_attempts(&metrics, route, ctx.attempts);
+        // `cache.stale_if_error`: an expired answer beats an error (and the
+        // static `respond`).
+        if let Some(sent) = self.serve_stale(session, ctx).await {
+            return sent;
+        }
         if may_fall_back {
             if let Some((status, body)) = respond {
                 ResilienceMetrics::inc(&metrics.fallbacks, &[&route.name, "respond"]);
@@ -312,6 +337,9 @@ impl FloodwallProxy {
         _route: &Route,
         r: Reject,
     ) -> Result<bool> {
+        if let Some(sent) = self.serve_stale(session, ctx).await {
+            return sent;
+        }
         self.reject(session, ctx, r, true).await
     }
 
@@ -488,6 +516,27 @@ impl FloodwallProxy {
             }));
         }
 
+        // A server error that is not retried: `cache.stale_if_error` answers
+        // with the expired entry instead, when there is one.
+        if status >= 500 && ctx.cache.as_ref().is_some_and(|c| c.stale.is_some()) {
+            permits.record(Some(status), false, header_elapsed);
+            let held = HeldAnswer {
+                answer,
+                resp,
+                held,
+                backend: backend_cfg.name.clone(),
+                bidx,
+            };
+            drain_and_release(&self.connector, backend, held).await;
+            if let Some(sent) = self.serve_stale(session, ctx).await {
+                return Ok(Step::Done(sent));
+            }
+            return Ok(Step::Done(Err(Error::explain(
+                ErrorType::InternalError,
+                "stale entry vanished",
+            ))));
+        }
+
         // A final answer. With `first_token`, hold SSE headers until the
         // first token so that a slow start can still be retried invisibly.
         let mut scanner = None;
@@ -595,7 +644,9 @@ impl FloodwallProxy {
             )
             .await;
         match ctx.stream_end {
-            Some(StreamEnd::UpstreamBroke) => permits.record(Some(status), true, elapsed),
+            Some(StreamEnd::UpstreamBroke | StreamEnd::IdleTimeout) => {
+                permits.record(Some(status), true, elapsed)
+            }
             Some(StreamEnd::ClientGone) => drop(permits),
             _ => permits.record(Some(status), false, elapsed),
         }
@@ -637,6 +688,14 @@ impl FloodwallProxy {
                 }
             }
         }
+        // A miss on a cached route: decide whether this answer may be stored
+        // (followers of the same key start on it now).
+        if let Some(c) = ctx.cache.as_mut() {
+            let policy = c.policy.clone();
+            if let Some(f) = c.fill.as_mut() {
+                f.start(&resp, sse, &policy);
+            }
+        }
         self.prepare_response(session, ctx, &mut resp)?;
         resp.insert_header("x-floodwall-backend", backend_name)?;
         ctx.status = resp.status.as_u16();
@@ -668,10 +727,15 @@ impl FloodwallProxy {
         }
         let mut bytes_out = 0u64;
         let mut end = None;
+        let max_entry = ctx.cache.as_ref().map_or(0, |c| c.policy.max_entry);
+        let mut fill = ctx.cache.as_mut().and_then(|c| c.fill.take());
         for chunk in held {
             bytes_out += chunk.len() as u64;
             if let Some(u) = ctx.usage.as_mut() {
                 u.feed(sse, &chunk);
+            }
+            if let Some(f) = fill.as_mut() {
+                f.feed(&chunk, max_entry);
             }
             if session
                 .write_response_body(Some(chunk), false)
@@ -713,6 +777,9 @@ impl FloodwallProxy {
                         if let Some(u) = usage.as_mut() {
                             u.feed(sse, c);
                         }
+                        if let Some(f) = fill.as_mut() {
+                            f.feed(c, max_entry);
+                        }
                     },
                 )
                 .await;
@@ -722,6 +789,10 @@ impl FloodwallProxy {
         };
         ctx.bytes_out = bytes_out;
         ctx.stream_end = Some(end);
+        if let (Some(c), Some(f)) = (ctx.cache.as_mut(), fill) {
+            c.fill = Some(f);
+            self.finish_fill(ctx, end).await;
+        }
         let m = &self.shared.admission_metrics;
         if ctx.stream.is_some() {
             match end {
@@ -733,10 +804,15 @@ impl FloodwallProxy {
                         c.inc();
                     }
                 }
-                StreamEnd::MaxDuration => {
+                StreamEnd::MaxDuration | StreamEnd::IdleTimeout => {
+                    let kind = if end == StreamEnd::MaxDuration {
+                        "max_duration"
+                    } else {
+                        "idle"
+                    };
                     if let Ok(c) = m
                         .stream_timeouts
-                        .get_metric_with_label_values(&[&route.name, "max_duration"])
+                        .get_metric_with_label_values(&[&route.name, kind])
                     {
                         c.inc();
                     }
@@ -756,6 +832,7 @@ impl FloodwallProxy {
         match end {
             StreamEnd::Complete => Ok(true),
             StreamEnd::UpstreamBroke
+            | StreamEnd::IdleTimeout
             | StreamEnd::ClientGone
             | StreamEnd::MaxDuration
             | StreamEnd::ShuttingDown => {

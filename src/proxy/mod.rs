@@ -16,6 +16,7 @@
 //! proxy loop untouched, through `upstream_peer`.
 
 pub mod admission;
+pub mod cache;
 pub mod ctx;
 pub mod forward;
 pub mod headers;
@@ -222,6 +223,12 @@ impl FloodwallProxy {
             }
         }
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(c) = &ctx.cache {
+            resp.insert_header("x-cache", c.status.as_str())?;
+            if !resp.headers.contains_key("age") {
+                resp.insert_header("age", "0")?;
+            }
+        }
         headers::add_cors(resp, &ctx.cors)?;
         for (k, v) in &ctx.rate_headers {
             resp.insert_header(*k, v.as_str())?;
@@ -363,8 +370,9 @@ impl ProxyHttp for FloodwallProxy {
         };
         let mut doc: Option<serde_json::Value> = None;
         if parse_json {
-            let keep_doc =
-                !route.request.fields.is_empty() || snap.limits.identity.needs_body_doc();
+            let keep_doc = !route.request.fields.is_empty()
+                || snap.limits.identity.needs_body_doc()
+                || route.cache.is_some();
             match request::parse(&ctx.body, keep_doc) {
                 Ok(Some((fields, parsed))) => {
                     if let Err(e) = request::check(&route.request, &fields, parsed.as_ref()) {
@@ -402,6 +410,13 @@ impl ProxyHttp for FloodwallProxy {
         // Identity, rate limits, token and cost budgets.
         if let Some(sent) = self
             .admit_limits(session, ctx, &active, doc.as_ref())
+            .await?
+        {
+            return Ok(sent);
+        }
+        // The response cache: a hit or a collapsed miss is answered here.
+        if let Some(sent) = self
+            .admit_cache(session, ctx, &active, &route, doc.as_ref())
             .await?
         {
             return Ok(sent);

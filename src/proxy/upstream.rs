@@ -398,6 +398,9 @@ pub enum StreamEnd {
     /// The upstream broke off mid-body; the client was told (SSE error event)
     /// and the response must end abnormally.
     UpstreamBroke,
+    /// The upstream sent nothing for `timeouts.idle`; handled like
+    /// `UpstreamBroke`, and counted as a stream timeout.
+    IdleTimeout,
     /// The client went away.
     ClientGone,
     /// `streams.max_duration` was reached: the client got a `stream_timeout`
@@ -412,6 +415,7 @@ impl StreamEnd {
         match self {
             StreamEnd::Complete => "complete",
             StreamEnd::UpstreamBroke => "upstream_broke",
+            StreamEnd::IdleTimeout => "idle_timeout",
             StreamEnd::ClientGone => "client_gone",
             StreamEnd::MaxDuration => "max_duration",
             StreamEnd::ShuttingDown => "shutting_down",
@@ -490,7 +494,8 @@ pub async fn stream_body(
                 }
                 Err(t) => {
                     let why = format!("upstream sent nothing for {}ms (timeouts.idle)", t.as_millis());
-                    return broke(session, is_sse, &why).await;
+                    end_with_event(session, is_sse, &why, "upstream_stream_error").await;
+                    return (StreamEnd::IdleTimeout, Some(why));
                 }
             },
             // The request body was read whole, so any downstream event here

@@ -2,6 +2,8 @@
 //!
 //! - [`redis`]: the client ([`RedisStore`]): automatic reconnection, a
 //!   timeout around every call, and the rate-limit Lua script.
+//! - [`cache`]: the response cache's tiers (memory in front of Redis) and
+//!   its purges, relayed to every replica over pub/sub.
 //! - [`key`]: the one function that builds Redis keys. Keys are a
 //!   compatibility contract between replicas (and between versions during a
 //!   rolling deploy), so their format is versioned (`v1`) and pinned by a
@@ -10,6 +12,7 @@
 //! In-memory state for a single instance lives with its policy (for rate
 //! limits, `crate::policy::ratelimit::MemoryStore`).
 
+pub mod cache;
 pub mod redis;
 #[cfg(test)]
 pub(crate) mod testutil;
@@ -49,6 +52,9 @@ pub enum KeySpace {
     RateLimit,
     /// A budget's spend per key for one period: a sorted set.
     Spend,
+    /// A cached response (`crate::policy::cache::Entry` encoded): a string.
+    /// The "rule" is the route, the tail `scope:digest`.
+    Cache,
 }
 
 impl KeySpace {
@@ -56,6 +62,7 @@ impl KeySpace {
         match self {
             KeySpace::RateLimit => "rl",
             KeySpace::Spend => "spend",
+            KeySpace::Cache => "cache",
         }
     }
 }
@@ -107,6 +114,10 @@ mod tests {
                 "c:d:1700006400000"
             ),
             "floodwall:v1:spend:{chat-spend}:c:d:1700006400000"
+        );
+        assert_eq!(
+            key("floodwall", KeySpace::Cache, "chat", "shared:9e99"),
+            "floodwall:v1:cache:{chat}:shared:9e99"
         );
         // A `{` in the tail does not move the hash tag: Redis uses the first
         // `{...}`, which is always the rule.

@@ -340,6 +340,29 @@ impl RedisStore {
         .await
     }
 
+    /// One command, bounded by `limit` (the cache's reads and writes, its
+    /// purges' `SCAN` and `UNLINK`, and `PUBLISH`).
+    pub async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        limit: Duration,
+    ) -> Result<T, StoreError> {
+        let call = async {
+            let mut conn = self.conn().await?;
+            let v = conn.send_packed_command(cmd).await.map_err(redis_error)?;
+            redis::from_redis_value(&v).map_err(|e| StoreError::Protocol(e.kind_name().into()))
+        };
+        match tokio::time::timeout(limit, call).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(limit)),
+        }
+    }
+
+    /// The client, for connections of their own (pub/sub).
+    pub fn client(&self) -> &redis::Client {
+        &self.inner.client
+    }
+
     async fn with_timeout<T>(
         &self,
         f: impl std::future::Future<Output = Result<T, StoreError>>,

@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod admission;
+pub mod cache;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

@@ -7,6 +7,7 @@ mod common;
 
 mod admin;
 mod admission;
+mod cache;
 mod check;
 mod cors;
 mod errors;

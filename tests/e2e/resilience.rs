@@ -733,6 +733,16 @@ async fn stalled_stream_is_ended_by_idle_and_floodwall_stays_healthy() {
     assert_eq!(next.status, 200);
     assert!(next.complete);
     assert_eq!(next.sse_data().last().map(String::as_str), Some("[DONE]"));
+    // The idle cut is counted as a stream timeout of its own kind.
+    let text = fw.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "floodwall_stream_timeouts_total{kind=\"idle\",route=\"chat\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
