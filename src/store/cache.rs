@@ -432,6 +432,119 @@ mod tests {
         .is_some());
     }
 
+    fn entry(body: &str, stored_at_ms: u64) -> Arc<Entry> {
+        Arc::new(Entry {
+            status: 200,
+            headers: vec![("content-type".into(), b"application/json".to_vec())],
+            chunks: vec![crate::policy::cache::Chunk {
+                at_ms: 0,
+                data: bytes::Bytes::from(body.to_string()),
+            }],
+            sse: false,
+            stored_at_ms,
+            ttl_ms: 60_000,
+            keep_ms: 120_000,
+        })
+    }
+
+    fn key(route: &str, scope: &str) -> CacheKey {
+        CacheKey {
+            route: route.into(),
+            scope: scope.into(),
+            digest: "d1".into(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_tier_round_trips_compresses_expires_and_fails_open() {
+        let mut server = crate::store::testutil::RedisServer::start();
+        let redis = RedisStore::new(&server.config(Duration::from_millis(200))).unwrap();
+        let cfg = CacheStoreConfig {
+            max_memory: 1 << 20,
+            compress_over: Some(256),
+        };
+        let store = CacheStore::new(&cfg, Some(redis.clone()));
+        let now = 1_700_000_000_000;
+        let big = "x".repeat(4000);
+        let k = key("chat", "shared");
+        let (_, err) = store.put(StoreKind::Redis, &k, entry(&big, now), now).await;
+        assert_eq!(err, None);
+        // Stored compressed, with the keep time as its expiry.
+        let rk = CacheStore::redis_key(&redis, &k);
+        assert_eq!(rk, "fwtest:v1:cache:{chat}:shared:d1");
+        let raw: Vec<u8> = redis
+            .query(&redis::cmd("GET").arg(&rk).clone(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(&raw[..5], b"FWE1\x01");
+        assert!(raw.len() < 500, "compressed: {} bytes", raw.len());
+        let pttl: i64 = redis
+            .query(&redis::cmd("PTTL").arg(&rk).clone(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!((119_000..=120_000).contains(&pttl), "{pttl}");
+        // Read back through the tier, fresh, then stale.
+        let (found, err) = store.get(StoreKind::Redis, &k, now + 1).await;
+        assert_eq!(err, None);
+        assert!(matches!(found, Lookup::Fresh(e) if e.body().len() == 4000));
+        let (found, _) = store.get(StoreKind::Redis, &k, now + 90_000).await;
+        assert!(matches!(found, Lookup::Stale(_)));
+        // Redis-only never fills memory; tiered does.
+        assert!(store.memory.is_empty());
+        let (found, _) = store.get(StoreKind::Tiered, &k, now + 1).await;
+        assert!(matches!(found, Lookup::Fresh(_)));
+        assert_eq!(store.memory.len(), 1);
+        // Purge by route removes it from both tiers.
+        let purged = store
+            .purge(&Purge {
+                route: Some("chat".into()),
+                ..Purge::default()
+            })
+            .await;
+        assert_eq!((purged.memory, purged.redis), (1, Some(1)), "{purged:?}");
+        let (found, _) = store.get(StoreKind::Tiered, &k, now + 1).await;
+        assert!(matches!(found, Lookup::Miss));
+
+        // Redis down: a bounded error, never a hang; memory still answers.
+        store
+            .put(StoreKind::Memory, &key("chat", "m"), entry("m", now), now)
+            .await;
+        server.kill();
+        let started = std::time::Instant::now();
+        let (found, err) = store.get(StoreKind::Redis, &k, now + 1).await;
+        assert!(matches!(found, Lookup::Miss));
+        assert!(err.is_some());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let (_, err) = store.put(StoreKind::Redis, &k, entry("y", now), now).await;
+        assert!(err.is_some());
+        let (found, _) = store
+            .get(StoreKind::Tiered, &key("chat", "m"), now + 1)
+            .await;
+        assert!(matches!(found, Lookup::Fresh(_)));
+        // Back again without a new store.
+        server.restart();
+        let mut ok = false;
+        for _ in 0..100 {
+            if store
+                .put(StoreKind::Redis, &k, entry("z", now), now)
+                .await
+                .1
+                .is_none()
+            {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ok, "Redis is used again after a restart");
+        let (found, _) = store.get(StoreKind::Redis, &k, now + 1).await;
+        assert!(matches!(found, Lookup::Fresh(e) if e.body() == "z"));
+    }
+
     #[test]
     fn redis_keys_map_back_to_operator_keys() {
         let base = "fw:v1:cache:";

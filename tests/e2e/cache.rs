@@ -217,8 +217,8 @@ async fn stream_followers_get_events_before_the_leader_stream_ends() {
     ))
     .await;
     let body = chat_body("a slow stream", true).to_string();
-    // The leader's stream takes about 10 × 150ms.
-    let fault = "chunks=10;chunk_delay=150ms";
+    // The leader's stream takes about 10 × 200ms.
+    let fault = "chunks=10;chunk_delay=200ms";
     let leader = {
         let (addr, b) = (fw.addr, body.clone());
         tokio::spawn(async move {
@@ -239,7 +239,7 @@ async fn stream_followers_get_events_before_the_leader_stream_ends() {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut followers = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..49 {
         let (addr, b) = (fw.addr, body.clone());
         followers.push(tokio::spawn(async move {
             let r = Client::new()
@@ -553,4 +553,70 @@ async fn a_purge_clears_every_replicas_memory_tier() {
     // ...so b does not serve what was purged.
     assert_eq!(post(&b, &body, &[]).await.header("x-cache"), Some("MISS"));
     assert_eq!(upstream_calls(&mock), 2);
+}
+
+/// Tokens used by `alice` under the `tokens` rule, once reconciled.
+async fn tokens_used(fw: &Floodwall) -> u64 {
+    let r = Client::new()
+        .get(fw.admin, "/admin/limits?rule=tokens&key=alice")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["windows"][0]["used"].as_u64().unwrap_or(0)
+}
+
+async fn hits_and_budget(charge_hits: bool) -> (u64, u64) {
+    let mock = start_mock().await;
+    let cache = format!("{{ ttl: 1m, scope: user, charge_hits: {charge_hits} }}");
+    let routes = format!(
+        "{}    rate_limits: [{{ name: tokens, key: [user], limits: [{{ tokens: 10000, per: 1d }}] }}]\n",
+        cached(&cache)
+    );
+    let text = policy(&mock_url(&mock), &routes).replace(
+        "backends:\n",
+        "identity:\n  user: [{ header: x-user-id }]\nbackends:\n",
+    );
+    let fw = Floodwall::start(&text).await;
+    let mut body = chat_body("count my tokens", false);
+    body["max_tokens"] = 50.into();
+    let alice = [("x-user-id", "alice")];
+    assert_eq!(
+        post(&fw, &body, &alice).await.header("x-cache"),
+        Some("MISS")
+    );
+    let after_miss = eventually(
+        "the miss to be reconciled",
+        Duration::from_secs(5),
+        || async {
+            let used = tokens_used(&fw).await;
+            // Reconciled to the reported usage, below the reservation.
+            (used > 0 && used < 50).then_some(used)
+        },
+    )
+    .await;
+    assert_eq!(
+        post(&fw, &body, &alice).await.header("x-cache"),
+        Some("HIT")
+    );
+    // The hit's own reservation (50 + the prompt) is settled when it ends.
+    // GCRA refills continuously (10000 a day: about one token in 9 s), so
+    // allow a token of drift.
+    let near = |a: u64, b: u64| a.abs_diff(b) <= 1;
+    let after_hit = eventually("the hit to be settled", Duration::from_secs(5), || async {
+        let used = tokens_used(&fw).await;
+        (near(used, after_miss) || near(used, 2 * after_miss)).then_some(used)
+    })
+    .await;
+    assert_eq!(upstream_calls(&mock), 1);
+    (after_miss, after_hit)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_costs_no_tokens_unless_the_route_charges_hits() {
+    let (miss, hit) = hits_and_budget(false).await;
+    assert!(hit.abs_diff(miss) <= 1, "a hit is free: {miss} then {hit}");
+    let (miss, hit) = hits_and_budget(true).await;
+    assert!(
+        hit.abs_diff(2 * miss) <= 1,
+        "charge_hits: the hit pays its recorded usage: {miss} then {hit}"
+    );
 }
