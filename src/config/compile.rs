@@ -194,9 +194,10 @@ pub fn compile(root: &Node, ctx: &Ctx, env: Env<'_>, source: SourceInfo) -> Opti
         .iter()
         .map(|(name, _)| name.clone())
         .collect();
+    let has_store = top.has("store");
     let routes = top
         .require("routes")
-        .map(|v| routes(&v, &backend_names))
+        .map(|v| routes(&v, &backend_names, has_store))
         .unwrap_or_default();
     let limits = super::limits::compile(&mut top, env, &routes);
     drop(top);
@@ -652,7 +653,7 @@ pub(super) fn check_readable_file(path: &str) -> Result<PathBuf, String> {
 
 // ---------------------------------------------------------------- routes
 
-fn routes(v: &Value<'_>, backend_names: &[String]) -> Vec<Route> {
+fn routes(v: &Value<'_>, backend_names: &[String], has_store: bool) -> Vec<Route> {
     let Some(items) = v.list() else {
         return Vec::new();
     };
@@ -678,12 +679,17 @@ fn routes(v: &Value<'_>, backend_names: &[String]) -> Vec<Route> {
             }
             Some(name.to_string())
         });
-        out.push(route(&mut m, name.unwrap_or_default(), backend_names));
+        out.push(route(
+            &mut m,
+            name.unwrap_or_default(),
+            backend_names,
+            has_store,
+        ));
     }
     out
 }
 
-fn route(m: &mut Map<'_>, name: String, backend_names: &[String]) -> Route {
+fn route(m: &mut Map<'_>, name: String, backend_names: &[String], has_store: bool) -> Route {
     let (matcher, path_valid) = match m.require("match") {
         Some(v) => route_match(&v),
         None => (match_everything(), false),
@@ -733,7 +739,7 @@ fn route(m: &mut Map<'_>, name: String, backend_names: &[String]) -> Route {
             .unwrap_or_default(),
         concurrency: m
             .get("concurrency")
-            .map(|v| Arc::new(super::admission::concurrency(&v))),
+            .map(|v| Arc::new(super::admission::concurrency(&v, has_store))),
         streams: m
             .get("streams")
             .map(|v| Arc::new(super::admission::streams(&v))),

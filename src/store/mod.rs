@@ -2,6 +2,9 @@
 //!
 //! - [`redis`]: the client ([`RedisStore`]): automatic reconnection, a
 //!   timeout around every call, and the rate-limit Lua script.
+//! - [`leases`]: the concurrency leases of shared routes
+//!   (`concurrency.shared: true`): a Lua script over one sorted set per
+//!   route.
 //! - [`key`]: the one function that builds Redis keys. Keys are a
 //!   compatibility contract between replicas (and between versions during a
 //!   rolling deploy), so their format is versioned (`v1`) and pinned by a
@@ -10,6 +13,7 @@
 //! In-memory state for a single instance lives with its policy (for rate
 //! limits, `crate::policy::ratelimit::MemoryStore`).
 
+pub mod leases;
 pub mod redis;
 #[cfg(test)]
 pub(crate) mod testutil;
@@ -49,6 +53,9 @@ pub enum KeySpace {
     RateLimit,
     /// A budget's spend per key for one period: a sorted set.
     Spend,
+    /// A shared route's concurrency leases (lease id -> expiry): a sorted
+    /// set. The "rule" is the route name.
+    Concurrency,
 }
 
 impl KeySpace {
@@ -56,6 +63,7 @@ impl KeySpace {
         match self {
             KeySpace::RateLimit => "rl",
             KeySpace::Spend => "spend",
+            KeySpace::Concurrency => "conc",
         }
     }
 }
@@ -107,6 +115,10 @@ mod tests {
                 "c:d:1700006400000"
             ),
             "floodwall:v1:spend:{chat-spend}:c:d:1700006400000"
+        );
+        assert_eq!(
+            key("floodwall", KeySpace::Concurrency, "agent", "leases"),
+            "floodwall:v1:conc:{agent}:leases"
         );
         // A `{` in the tail does not move the hash tag: Redis uses the first
         // `{...}`, which is always the rule.
