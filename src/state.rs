@@ -222,7 +222,11 @@ impl Shared {
         }
         let cache =
             crate::store::cache::CacheStore::new(&snapshot.cache_store, limiter.redis().cloned());
-        let admission = crate::policy::concurrency::AdmissionRegistry::new();
+        let admission = crate::policy::concurrency::AdmissionRegistry::with_leases(lease_backend(
+            &limiter,
+            snapshot.store.as_ref(),
+            &limit_metrics,
+        ));
         let active = Active::build_with(snapshot, &resilience, Some(&admission));
         let shared = Arc::new(Shared {
             config: ArcSwap::from_pointee(active),
@@ -280,6 +284,20 @@ impl Shared {
                 if let Ok(g) = m.in_flight.get_metric_with_label_values(&[&route.name]) {
                     g.set(i64::from(st.in_flight));
                 }
+                if let Some(sh) = &st.shared {
+                    for (state, n) in [
+                        ("leased", sh.leased),
+                        ("local", sh.local),
+                        ("waiting", sh.waiting),
+                    ] {
+                        if let Ok(g) = m
+                            .shared_slots
+                            .get_metric_with_label_values(&[&route.name, state])
+                        {
+                            g.set(i64::from(n));
+                        }
+                    }
+                }
                 for d in &st.queued {
                     if let Ok(g) = m
                         .queue_depth
@@ -295,6 +313,40 @@ impl Shared {
     /// The snapshot and its runtime, for the proxy.
     pub fn active(&self) -> Arc<Active> {
         self.config.load_full()
+    }
+}
+
+/// Where shared routes (`concurrency.shared: true`) lease their places: the
+/// rate limiter's Redis connection, with store errors counted in
+/// `floodwall_limiter_store_errors_total{op="lease_*"}`.
+fn lease_backend(
+    limiter: &crate::policy::ratelimit::Limiter,
+    store: Option<&crate::config::StoreConfig>,
+    metrics: &crate::telemetry::limits::LimitMetrics,
+) -> crate::policy::concurrency::LeaseBackend {
+    use crate::policy::concurrency::{LeaseBackend, LeaseEvent, LeaseStore};
+    let errors = metrics.store_errors.clone();
+    LeaseBackend {
+        store: limiter
+            .redis()
+            .map(|r| Arc::new(r.clone()) as Arc<dyn LeaseStore>),
+        expected_replicas: store.map_or(1, |s| s.redis.expected_replicas),
+        on_event: Some(Arc::new(move |event: LeaseEvent<'_>| match event {
+            LeaseEvent::StoreError { route, op, error } => {
+                if let Ok(c) = errors.get_metric_with_label_values(&[op.as_str()]) {
+                    c.inc();
+                }
+                tracing::debug!(route, op = op.as_str(), error = %error, "concurrency lease store error");
+            }
+            LeaseEvent::Lost { route, count } => {
+                tracing::warn!(
+                    route,
+                    count,
+                    "concurrency leases expired while Redis was away and the shared cap is full again; \
+                     those requests run on without a lease"
+                );
+            }
+        })),
     }
 }
 

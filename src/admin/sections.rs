@@ -63,6 +63,19 @@ impl StatusSection for Admission {
                         "per_identity": st.per_identity,
                         "queued": st.queued.iter().map(|d| json!({"class": d.class, "depth": d.depth})).collect::<Vec<_>>(),
                         "oldest_wait_ms": st.oldest_wait.as_millis() as u64,
+                        "shared": st.shared.as_ref().map(|sh| json!({
+                            "lease_ms": sh.lease.as_millis() as u64,
+                            "leased": sh.leased,
+                            "local": sh.local,
+                            "waiting": sh.waiting,
+                            "fleet_in_use": sh.in_use,
+                            "fallback_cap": sh.fallback_cap,
+                            "leased_total": sh.leased_total,
+                            "local_total": sh.local_total,
+                            "refused_total": sh.refused_total,
+                            "lost_total": sh.lost_total,
+                            "store_errors_total": sh.store_errors_total,
+                        })),
                     })
                 });
                 json!({

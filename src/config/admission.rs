@@ -8,20 +8,20 @@
 //! defaults live in `crate::policy::{concurrency, streams}`;
 //! `docs/policy.md` documents them.
 //!
-//! `concurrency.shared: true` (a cap across replicas, slots leased in
-//! Redis) is planned: `shared: false` is accepted, `true` is refused with
-//! "not supported yet (planned)".
+//! `concurrency.shared: true` (a cap across replicas, places leased in
+//! Redis) needs `max_in_flight` (the cap it shares) and a `store.redis`
+//! section; `lease` is read only with it.
 
 use std::time::Duration;
 
 use super::compile::{header_name, is_name};
 use super::decode::{hint, list_names, Value};
 use crate::policy::concurrency::{
-    self, CallLimits, ConcurrencyConfig, PriorityConfig, QueueConfig,
+    self, shared, CallLimits, ConcurrencyConfig, PriorityConfig, QueueConfig, SharedConfig,
 };
 use crate::policy::streams::{ServerStreamsConfig, StreamsConfig};
 
-const CONCURRENCY_FIELDS: &[&str] = &["max_in_flight", "per_identity", "shared", "queue"];
+const CONCURRENCY_FIELDS: &[&str] = &["max_in_flight", "per_identity", "shared", "lease", "queue"];
 const QUEUE_FIELDS: &[&str] = &["max_depth", "max_wait", "priority"];
 const PRIORITY_FIELDS: &[&str] = &["header", "classes", "default", "streaming"];
 const STREAMS_FIELDS: &[&str] = &["max_concurrent", "per_identity", "max_duration"];
@@ -57,12 +57,14 @@ fn to_u32(n: u64) -> u32 {
 
 // ---------------------------------------------------------------- concurrency
 
-/// `routes[].concurrency`.
-pub fn concurrency(v: &Value<'_>) -> ConcurrencyConfig {
+/// `routes[].concurrency`. `has_redis`: the file has a `store.redis`
+/// section (valid or not, so that a broken one is not reported twice).
+pub fn concurrency(v: &Value<'_>, has_redis: bool) -> ConcurrencyConfig {
     let mut c = ConcurrencyConfig {
         max_in_flight: None,
         per_identity: None,
         queue: None,
+        shared: None,
     };
     let Some(mut m) = v.map(CONCURRENCY_FIELDS) else {
         return c;
@@ -80,13 +82,26 @@ pub fn concurrency(v: &Value<'_>) -> ConcurrencyConfig {
             ));
         }
     }
-    if let Some(shared) = m.get("shared") {
-        if shared.bool() == Some(true) {
-            shared.error(
-                "`shared: true` is not supported yet (planned): a cap across replicas needs slots leased in Redis; \
-                 remove it (or set `shared: false`) for a cap per instance",
+    let shared_value = m.get("shared");
+    let is_shared = shared_value.as_ref().and_then(Value::bool) == Some(true);
+    let lease = m.get("lease");
+    if let (true, Some(at)) = (is_shared, &shared_value) {
+        if !m.has("max_in_flight") {
+            at.error("needs `max_in_flight`: the cap that holds across replicas");
+        }
+        if !has_redis {
+            at.error(
+                "needs a `store.redis` section: the places are leased in Redis, where every replica sees them",
             );
         }
+        c.shared = Some(SharedConfig {
+            lease: lease
+                .as_ref()
+                .and_then(|l| l.duration_in(shared::MIN_LEASE..=shared::MAX_LEASE))
+                .unwrap_or(shared::DEFAULT_LEASE),
+        });
+    } else if let Some(l) = &lease {
+        l.error("applies only with `shared: true` (it is how long a replica's place outlives the replica)");
     }
     if let Some(q) = m.get("queue") {
         c.queue = Some(queue(&q));
@@ -285,7 +300,9 @@ mod tests {
     use std::time::Duration;
 
     use crate::config::{compile_str_with_env, ConfigErrors, Snapshot};
-    use crate::policy::concurrency::{CallLimits, ConcurrencyConfig, PriorityConfig, QueueConfig};
+    use crate::policy::concurrency::{
+        CallLimits, ConcurrencyConfig, PriorityConfig, QueueConfig, SharedConfig,
+    };
     use crate::policy::streams::{ServerStreamsConfig, StreamsConfig};
 
     const HEAD: &str = "\
@@ -377,6 +394,7 @@ routes:
                         streaming: Some(0),
                     },
                 }),
+                shared: None,
             })
         );
         assert_eq!(
@@ -442,14 +460,50 @@ routes:
         assert_eq!(priority.default, 0);
     }
 
+    const STORE: &str = "store:\n  redis: { url: \"redis://127.0.0.1:6379/0\" }\n";
+
     #[test]
-    fn shared_true_is_planned_and_false_is_accepted() {
-        ok(&with(
+    fn shared_true_needs_a_store_and_max_in_flight_and_false_is_accepted() {
+        let c = ok(&with(
             "    concurrency: { max_in_flight: 1, shared: false }\n",
         ));
+        assert_eq!(c.routes[0].concurrency.as_ref().unwrap().shared, None);
+
+        let text = with("    concurrency: { max_in_flight: 100, shared: true }\n")
+            .replace("version: 1\n", &format!("version: 1\n{STORE}"));
+        let snap = ok(&text);
+        assert_eq!(
+            snap.routes[0].concurrency.as_ref().unwrap().shared,
+            Some(SharedConfig {
+                lease: Duration::from_secs(10)
+            })
+        );
+        let text = with("    concurrency: { max_in_flight: 2, shared: true, lease: 2s }\n")
+            .replace("version: 1\n", &format!("version: 1\n{STORE}"));
+        let snap = ok(&text);
+        assert_eq!(
+            snap.routes[0].concurrency.as_ref().unwrap().shared,
+            Some(SharedConfig {
+                lease: Duration::from_secs(2)
+            })
+        );
+
         assert_eq!(
             errors(&with("    concurrency: { max_in_flight: 1, shared: true }\n")),
-            ["p.yaml:9:46 routes[0].concurrency.shared: `shared: true` is not supported yet (planned): a cap across replicas needs slots leased in Redis; remove it (or set `shared: false`) for a cap per instance"]
+            ["p.yaml:9:46 routes[0].concurrency.shared: needs a `store.redis` section: the places are leased in Redis, where every replica sees them"]
+        );
+        let text = with("    concurrency: { per_identity: 1, shared: true, lease: 500ms }\n")
+            .replace("version: 1\n", &format!("version: 1\n{STORE}"));
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:11:45 routes[0].concurrency.shared: needs `max_in_flight`: the cap that holds across replicas",
+                "p.yaml:11:58 routes[0].concurrency.lease: must be 1s..=10m (was 500ms)",
+            ]
+        );
+        assert_eq!(
+            errors(&with("    concurrency: { max_in_flight: 1, lease: 5s }\n")),
+            ["p.yaml:9:45 routes[0].concurrency.lease: applies only with `shared: true` (it is how long a replica's place outlives the replica)"]
         );
     }
 

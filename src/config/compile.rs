@@ -185,8 +185,15 @@ pub fn compile(root: &Node, ctx: &Ctx, env: Env<'_>, source: SourceInfo) -> Opti
         Some(v) => server(&v, env),
         None => default_server(),
     };
+    // Whether a `store.redis` section is written (valid or not, so that a
+    // broken one is not reported a second time by the features needing it).
+    let mut has_redis = false;
     let (store, cache_store) = match top.get("store") {
-        Some(v) => store(&v, env),
+        Some(v) => {
+            has_redis = matches!(&v.node().kind, super::yaml::NodeKind::Map(entries)
+                if entries.iter().any(|(k, _)| k.name == "redis"));
+            store(&v, env)
+        }
         None => (None, Default::default()),
     };
 
@@ -200,7 +207,7 @@ pub fn compile(root: &Node, ctx: &Ctx, env: Env<'_>, source: SourceInfo) -> Opti
         .collect();
     let routes = top
         .require("routes")
-        .map(|v| routes(&v, &backend_names, store.is_some()))
+        .map(|v| routes(&v, &backend_names, has_redis))
         .unwrap_or_default();
     let limits = super::limits::compile(&mut top, env, &routes);
     drop(top);
@@ -773,7 +780,7 @@ fn route(m: &mut Map<'_>, name: String, backend_names: &[String], has_redis: boo
             .unwrap_or_default(),
         concurrency: m
             .get("concurrency")
-            .map(|v| Arc::new(super::admission::concurrency(&v))),
+            .map(|v| Arc::new(super::admission::concurrency(&v, has_redis))),
         streams: m
             .get("streams")
             .map(|v| Arc::new(super::admission::streams(&v))),

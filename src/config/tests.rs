@@ -1313,6 +1313,17 @@ mod team_examples_hold_their_numbers {
             snap.store.is_some(),
             "docs/teams.md na-01: counters in Redis"
         );
+        let query = snap
+            .routes
+            .iter()
+            .find(|r| r.name == "query")
+            .and_then(|r| r.concurrency.as_deref())
+            .expect("route `query` has concurrency");
+        assert_eq!(
+            (query.max_in_flight, query.shared.map(|s| s.lease)),
+            (Some(100), Some(Duration::from_secs(10))),
+            "docs/teams.md na-06: 100 concurrent across the replicas"
+        );
     }
 
     fn breaker<'a>(snap: &'a Snapshot, name: &str) -> &'a BreakerConfig {

@@ -21,6 +21,12 @@
 //!   and request collapsing.
 //!
 //! [`rolling`] is the lock-free, time-bucketed counter both of them use.
+//!
+//! Two runtimes sit beside the pure rules because they must talk to the
+//! shared store: `ratelimit::Limiter` (counters in Redis) and
+//! `concurrency::SharedLeases` (leases of caps held across replicas, which
+//! renews them in a background task); their decisions still come from the
+//! pure functions.
 
 pub mod breaker;
 pub mod cache;

@@ -4,6 +4,9 @@
 //!   timeout around every call, and the rate-limit Lua script.
 //! - [`cache`]: the response cache's tiers (memory in front of Redis) and
 //!   its purges, relayed to every replica over pub/sub.
+//! - [`leases`]: the concurrency leases of shared routes
+//!   (`concurrency.shared: true`): a Lua script over one sorted set per
+//!   route.
 //! - [`key`]: the one function that builds Redis keys. Keys are a
 //!   compatibility contract between replicas (and between versions during a
 //!   rolling deploy), so their format is versioned (`v1`) and pinned by a
@@ -13,6 +16,7 @@
 //! limits, `crate::policy::ratelimit::MemoryStore`).
 
 pub mod cache;
+pub mod leases;
 pub mod redis;
 #[cfg(test)]
 pub(crate) mod testutil;
@@ -55,6 +59,9 @@ pub enum KeySpace {
     /// A cached response (`crate::policy::cache::Entry` encoded): a string.
     /// The "rule" is the route, the tail `scope:digest`.
     Cache,
+    /// A shared route's concurrency leases (lease id -> expiry): a sorted
+    /// set. The "rule" is the route name.
+    Concurrency,
 }
 
 impl KeySpace {
@@ -63,6 +70,7 @@ impl KeySpace {
             KeySpace::RateLimit => "rl",
             KeySpace::Spend => "spend",
             KeySpace::Cache => "cache",
+            KeySpace::Concurrency => "conc",
         }
     }
 }
@@ -118,6 +126,10 @@ mod tests {
         assert_eq!(
             key("floodwall", KeySpace::Cache, "chat", "shared:9e99"),
             "floodwall:v1:cache:{chat}:shared:9e99"
+        );
+        assert_eq!(
+            key("floodwall", KeySpace::Concurrency, "agent", "leases"),
+            "floodwall:v1:conc:{agent}:leases"
         );
         // A `{` in the tail does not move the hash tag: Redis uses the first
         // `{...}`, which is always the rule.

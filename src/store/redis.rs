@@ -268,7 +268,9 @@ struct Inner {
     client: redis::Client,
     prefix: String,
     timeout: Duration,
+    /// SHA1 of [`SCRIPT`] and of the lease script, for `EVALSHA`.
     sha: String,
+    lease_sha: String,
     /// The script uses the caller's `now` instead of Redis `TIME` (tests).
     client_clock: bool,
     conn: ArcSwapOption<ConnectionManager>,
@@ -277,9 +279,18 @@ struct Inner {
 }
 
 /// One script call: keys and arguments.
-struct Call {
-    keys: Vec<String>,
-    args: Vec<String>,
+pub(super) struct Call {
+    pub(super) keys: Vec<String>,
+    pub(super) args: Vec<String>,
+}
+
+/// Which of floodwall's Lua scripts a call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lua {
+    /// [`SCRIPT`]: rate limits, token and cost budgets.
+    RateLimit,
+    /// `store::leases::SCRIPT`: concurrency leases of shared routes.
+    Leases,
 }
 
 impl RedisStore {
@@ -296,6 +307,9 @@ impl RedisStore {
                 prefix: config.key_prefix.clone(),
                 timeout: config.timeout,
                 sha: redis::Script::new(SCRIPT).get_hash().to_string(),
+                lease_sha: redis::Script::new(super::leases::SCRIPT)
+                    .get_hash()
+                    .to_string(),
                 client_clock: false,
                 conn: ArcSwapOption::empty(),
                 connecting: AtomicBool::new(false),
@@ -373,6 +387,22 @@ impl RedisStore {
         }
     }
 
+    /// One plain command, within the timeout.
+    pub(super) async fn command(&self, cmd: &redis::Cmd) -> Result<Value, StoreError> {
+        self.with_timeout(async {
+            let mut conn = self.conn().await?;
+            match conn.send_packed_command(cmd).await.map_err(redis_error)? {
+                Value::ServerError(e) => Err(StoreError::Protocol(format!(
+                    "{} {}",
+                    e.code(),
+                    e.details().unwrap_or_default()
+                ))),
+                other => Ok(other),
+            }
+        })
+        .await
+    }
+
     /// The connection, waiting for the background connect if there is none
     /// yet (callers bound the wait with their timeout).
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
@@ -428,12 +458,21 @@ impl RedisStore {
     /// returns each call's answer (or its own error). `EVALSHA` first;
     /// commands answered `NOSCRIPT` are sent again with `EVAL`.
     async fn run(&self, calls: &[Call]) -> Result<Vec<Result<Vec<i64>, StoreError>>, StoreError> {
+        self.run_script(Lua::RateLimit, calls).await
+    }
+
+    /// [`RedisStore::run`] for any of floodwall's scripts.
+    pub(super) async fn run_script(
+        &self,
+        lua: Lua,
+        calls: &[Call],
+    ) -> Result<Vec<Result<Vec<i64>, StoreError>>, StoreError> {
         if calls.is_empty() {
             return Ok(Vec::new());
         }
         self.with_timeout(async {
             let mut conn = self.conn().await?;
-            let pipe = self.pipeline(calls.iter().map(|c| (c, true)));
+            let pipe = self.pipeline(lua, calls.iter().map(|c| (c, true)));
             let replies = conn
                 .send_packed_commands(&pipe, 0, calls.len())
                 .await
@@ -450,7 +489,7 @@ impl RedisStore {
                 }
             }
             if !missing.is_empty() {
-                let pipe = self.pipeline(missing.iter().map(|&i| (&calls[i], false)));
+                let pipe = self.pipeline(lua, missing.iter().map(|&i| (&calls[i], false)));
                 let replies = conn
                     .send_packed_commands(&pipe, 0, missing.len())
                     .await
@@ -464,16 +503,24 @@ impl RedisStore {
         .await
     }
 
-    fn pipeline<'c>(&self, calls: impl Iterator<Item = (&'c Call, bool)>) -> redis::Pipeline {
+    fn pipeline<'c>(
+        &self,
+        lua: Lua,
+        calls: impl Iterator<Item = (&'c Call, bool)>,
+    ) -> redis::Pipeline {
+        let (text, sha) = match lua {
+            Lua::RateLimit => (SCRIPT, &self.inner.sha),
+            Lua::Leases => (super::leases::SCRIPT, &self.inner.lease_sha),
+        };
         let mut pipe = redis::pipe();
         for (call, by_sha) in calls {
             let mut cmd = if by_sha {
                 let mut c = redis::cmd("EVALSHA");
-                c.arg(&self.inner.sha);
+                c.arg(sha);
                 c
             } else {
                 let mut c = redis::cmd("EVAL");
-                c.arg(SCRIPT);
+                c.arg(text);
                 c
             };
             cmd.arg(call.keys.len()).arg(&call.keys).arg(&call.args);
@@ -482,7 +529,7 @@ impl RedisStore {
         pipe
     }
 
-    fn now_arg(&self, now_ms: u64) -> String {
+    pub(super) fn now_arg(&self, now_ms: u64) -> String {
         if self.inner.client_clock {
             now_ms.to_string()
         } else {

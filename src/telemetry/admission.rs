@@ -12,6 +12,8 @@ pub struct AdmissionMetrics {
     /// Time to the first response byte of a stream, by route.
     pub stream_ttfb: HistogramVec,
     pub in_flight: IntGaugeVec,
+    /// Requests of shared routes by lease state (leased, local, waiting).
+    pub shared_slots: IntGaugeVec,
     pub queue_depth: IntGaugeVec,
     pub queued_seconds: HistogramVec,
     /// Requests refused by admission, by route and cause.
@@ -69,6 +71,14 @@ impl AdmissionMetrics {
                 ),
                 &["route"],
             )?,
+            shared_slots: IntGaugeVec::new(
+                Opts::new(
+                    "floodwall_route_shared_slots",
+                    "Requests of routes with a cap across replicas, by route and lease state \
+                     (leased, local: running without a lease while Redis is away, waiting: for a lease)",
+                ),
+                &["route", "state"],
+            )?,
             queue_depth: IntGaugeVec::new(
                 Opts::new(
                     "floodwall_queue_depth",
@@ -101,6 +111,7 @@ impl AdmissionMetrics {
         r.register(Box::new(self.stream_timeouts.clone()))?;
         r.register(Box::new(self.stream_ttfb.clone()))?;
         r.register(Box::new(self.in_flight.clone()))?;
+        r.register(Box::new(self.shared_slots.clone()))?;
         r.register(Box::new(self.queue_depth.clone()))?;
         r.register(Box::new(self.queued_seconds.clone()))?;
         r.register(Box::new(self.sheds.clone()))?;

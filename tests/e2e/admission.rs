@@ -18,12 +18,17 @@ use crate::common::*;
 const IDENTITY: &str = "identity:\n  user: [{ header: x-user-id }]\n";
 /// An endless SSE stream: the role chunk, then a `: ping` every 100 ms
 /// until the client (floodwall) leaves.
-const ENDLESS: &str = "heartbeat=100ms";
+pub(crate) const ENDLESS: &str = "heartbeat=100ms";
 
 /// A policy with one backend `main` in front of `mock`: `top` holds
 /// top-level sections (column 0), `backend_extra` lines under `main`
 /// (indented by four spaces), then the routes.
-fn adm_policy(mock: &MockServer, top: &str, backend_extra: &str, routes: &str) -> String {
+pub(crate) fn adm_policy(
+    mock: &MockServer,
+    top: &str,
+    backend_extra: &str,
+    routes: &str,
+) -> String {
     format!(
         r#"version: 1
 server:
@@ -43,26 +48,26 @@ backends:
 }
 
 /// `name{k="v",...}` with the labels in Prometheus text order (sorted).
-fn series(name: &str, labels: &[(&str, &str)]) -> String {
+pub(crate) fn series(name: &str, labels: &[(&str, &str)]) -> String {
     let mut l: Vec<_> = labels.to_vec();
     l.sort();
     let inner: Vec<String> = l.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
     format!("{name}{{{}}}", inner.join(","))
 }
 
-fn value(m: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(m: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric(m, &series(name, labels)).unwrap_or(0.0)
 }
 
-fn streams_active(route: &str) -> String {
+pub(crate) fn streams_active(route: &str) -> String {
     series("floodwall_streams_active", &[("route", route)])
 }
 
-fn requests_active(route: &str) -> String {
+pub(crate) fn requests_active(route: &str) -> String {
     series("floodwall_requests_active", &[("route", route)])
 }
 
-fn route_in_flight(route: &str) -> String {
+pub(crate) fn route_in_flight(route: &str) -> String {
     series("floodwall_route_in_flight", &[("route", route)])
 }
 
@@ -73,14 +78,14 @@ fn queue_depth(route: &str, class: &str) -> String {
     )
 }
 
-fn rejections(route: &str, cause: &str) -> String {
+pub(crate) fn rejections(route: &str, cause: &str) -> String {
     series(
         "floodwall_admission_rejections_total",
         &[("cause", cause), ("route", route)],
     )
 }
 
-fn retry_after(r: &Resp) -> u64 {
+pub(crate) fn retry_after(r: &Resp) -> u64 {
     r.header("retry-after")
         .unwrap_or_else(|| panic!("no Retry-After on a {}: {:?}", r.status, r.headers))
         .parse()
@@ -88,7 +93,7 @@ fn retry_after(r: &Resp) -> u64 {
 }
 
 /// Send a request and return once the response header arrived.
-async fn open(
+pub(crate) async fn open(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -100,7 +105,7 @@ async fn open(
 
 /// A streaming chat request as `user` with the mock fault `fault`, and
 /// extra headers; returns once the response header arrived.
-async fn open_stream(
+pub(crate) async fn open_stream(
     addr: SocketAddr,
     user: &str,
     fault: &str,
@@ -117,7 +122,7 @@ async fn open_stream(
 }
 
 /// A stream that was admitted: 200 and its first SSE event read.
-async fn hold_stream(addr: SocketAddr, user: &str, fault: &str) -> HttpSession {
+pub(crate) async fn hold_stream(addr: SocketAddr, user: &str, fault: &str) -> HttpSession {
     hold_stream_with(addr, user, fault, &[]).await
 }
 
@@ -159,20 +164,20 @@ async fn stream_to_end_with(
 }
 
 /// A whole `GET /v1/models` with these headers.
-async fn get(addr: SocketAddr, headers: &[(&str, &str)]) -> Resp {
+pub(crate) async fn get(addr: SocketAddr, headers: &[(&str, &str)]) -> Resp {
     Client::new()
         .send(addr, "GET", "/v1/models", headers, b"")
         .await
 }
 
 /// The `admission` section of `/admin/status`.
-async fn admission(fw: &Floodwall) -> Value {
+pub(crate) async fn admission(fw: &Floodwall) -> Value {
     let r = Client::new().get(fw.admin, "/admin/status").await;
     assert_eq!(r.status, 200);
     r.json()["admission"].clone()
 }
 
-fn route_status<'a>(adm: &'a Value, route: &str) -> &'a Value {
+pub(crate) fn route_status<'a>(adm: &'a Value, route: &str) -> &'a Value {
     adm["routes"]
         .as_array()
         .and_then(|a| a.iter().find(|r| r["route"] == route))
@@ -188,14 +193,18 @@ fn queued(adm: &Value, route: &str, class: &str) -> u64 {
         .unwrap_or_else(|| panic!("class `{class}` of `{route}` in {adm}"))
 }
 
-fn in_flight(adm: &Value, route: &str) -> u64 {
+pub(crate) fn in_flight(adm: &Value, route: &str) -> u64 {
     route_status(adm, route)["concurrency"]["in_flight"]
         .as_u64()
         .unwrap_or_else(|| panic!("in_flight of `{route}` in {adm}"))
 }
 
 /// Wait (bounded) until `/admin/status`'s admission section satisfies `f`.
-async fn wait_admission(fw: &Floodwall, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_admission(
+    fw: &Floodwall,
+    what: &str,
+    f: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let adm = admission(fw).await;
@@ -211,7 +220,7 @@ async fn wait_admission(fw: &Floodwall, what: &str, f: impl Fn(&Value) -> bool) 
 
 /// A request (`GET /v1/models`) on its own task; its answer and when it
 /// arrived.
-fn spawn_get(
+pub(crate) fn spawn_get(
     addr: SocketAddr,
     headers: Vec<(&'static str, String)>,
 ) -> tokio::task::JoinHandle<(Resp, Instant)> {
@@ -222,7 +231,7 @@ fn spawn_get(
     })
 }
 
-async fn join<T>(h: tokio::task::JoinHandle<T>) -> T {
+pub(crate) async fn join<T>(h: tokio::task::JoinHandle<T>) -> T {
     tokio::time::timeout(Duration::from_secs(15), h)
         .await
         .expect("request task in time")

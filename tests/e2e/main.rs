@@ -20,6 +20,7 @@ mod reload;
 mod request_checks;
 mod resilience;
 mod routing;
+mod shared_concurrency;
 mod shutdown;
 mod tls;
 mod upgrade;

@@ -15,6 +15,11 @@
 //! finds its entry already gone knows a grant is in its channel, and passes
 //! the slot on, so no slot is ever lost and none is given to a waiter that
 //! has left.
+//!
+//! **Shared routes.** After the local slot, [`ConcurrencyLimiter::acquire`]
+//! takes a lease from the route's [`SharedLeases`] (outside the mutex) and
+//! keeps it in the [`Slot`]; if none can be had, the local slot is given
+//! back (to the next waiter) and the request is shed.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -23,6 +28,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::identity::IdentityCounts;
+use super::lease::{Lease, LeaseBackend, SharedLeases, SharedStats};
 use super::queue::PriorityQueue;
 use super::{ConcurrencyConfig, Rejected, ShedCause, DEFAULT_CLASS, MIN_RETRY_AFTER};
 
@@ -34,6 +40,10 @@ pub struct ConcurrencyLimiter {
 }
 
 struct Inner {
+    /// The route's name (the key of its leases when shared).
+    route: String,
+    /// Where leases come from if the route is, or becomes, shared.
+    leases: LeaseBackend,
     state: Mutex<State>,
 }
 
@@ -45,6 +55,8 @@ struct State {
     queue: PriorityQueue<Waiter>,
     next_ticket: u64,
     counters: Counters,
+    /// `Some` while the route is shared.
+    shared: Option<SharedLeases>,
 }
 
 struct Waiter {
@@ -67,7 +79,7 @@ struct Counters {
     admitted_after_wait: u64,
     queued: u64,
     rejected_per_identity: u64,
-    shed: [u64; 4],
+    shed: [u64; 5],
     abandoned: u64,
 }
 
@@ -85,6 +97,9 @@ pub struct Slot {
     inner: Arc<Inner>,
     identity: Option<Arc<str>>,
     queued_for: Duration,
+    /// The place across replicas, on a shared route; given back (after the
+    /// local place) when the slot is dropped.
+    lease: Option<Lease>,
 }
 
 impl Slot {
@@ -99,6 +114,7 @@ impl std::fmt::Debug for Slot {
         f.debug_struct("Slot")
             .field("identity", &self.identity)
             .field("queued_for", &self.queued_for)
+            .field("lease", &self.lease)
             .finish()
     }
 }
@@ -144,8 +160,12 @@ pub struct ConcurrencyStats {
     pub shed_queue_full: u64,
     pub shed_displaced: u64,
     pub shed_timeout: u64,
+    pub shed_shared_full: u64,
     /// Waiters that left (client gone) before getting a slot (counter).
     pub abandoned: u64,
+    /// The leases of a shared route. Its requests waiting for a lease hold
+    /// a local slot, so `in_flight` counts them too (`shared.waiting`).
+    pub shared: Option<SharedStats>,
 }
 
 impl ConcurrencyStats {
@@ -161,6 +181,7 @@ impl ConcurrencyStats {
             ShedCause::QueueFull => self.shed_queue_full,
             ShedCause::Displaced => self.shed_displaced,
             ShedCause::Timeout => self.shed_timeout,
+            ShedCause::SharedFull => self.shed_shared_full,
         }
     }
 }
@@ -171,13 +192,25 @@ enum Admit {
 }
 
 impl ConcurrencyLimiter {
+    /// A limiter without a lease store (a shared route then always applies
+    /// the fallback share, see [`SharedLeases`]).
     pub fn new(config: ConcurrencyConfig) -> Self {
+        Self::for_route("", config, LeaseBackend::default())
+    }
+
+    /// The limiter of route `route`, leasing from `leases` when shared.
+    pub fn for_route(route: &str, config: ConcurrencyConfig, leases: LeaseBackend) -> Self {
         let classes = config
             .queue
             .as_ref()
             .map_or(1, |q| q.priority.classes.len());
+        let shared = config
+            .shared
+            .map(|c| SharedLeases::new(route, shared_max(&config), c, leases.clone()));
         ConcurrencyLimiter {
             inner: Arc::new(Inner {
+                route: route.to_string(),
+                leases,
                 state: Mutex::new(State {
                     config,
                     in_flight: 0,
@@ -185,6 +218,7 @@ impl ConcurrencyLimiter {
                     queue: PriorityQueue::new(classes),
                     next_ticket: 0,
                     counters: Counters::default(),
+                    shared,
                 }),
             }),
         }
@@ -197,10 +231,45 @@ impl ConcurrencyLimiter {
     /// Returns at once when the route has room or the request is refused;
     /// otherwise resolves when a slot is handed over or the request is shed
     /// (after `max_wait` at most). Dropping the future leaves the queue.
+    ///
+    /// On a shared route the request then takes a lease (see the module
+    /// docs of `super`): it may wait for one until `max_wait` from its
+    /// arrival when the route has a queue, and is shed otherwise.
     pub async fn acquire(&self, identity: Option<&str>, class: usize) -> Result<Slot, Rejected> {
-        match self.admit(identity, class)? {
-            Admit::Now(slot) => Ok(slot),
-            Admit::Wait(waiting) => waiting.wait().await,
+        let arrived = Instant::now();
+        let mut slot = match self.admit(identity, class)? {
+            Admit::Now(slot) => slot,
+            Admit::Wait(waiting) => waiting.wait().await?,
+        };
+        let (leases, max_wait) = {
+            let state = self.inner.lock();
+            (
+                state.shared.clone(),
+                state.config.queue.as_ref().map(|q| q.max_wait),
+            )
+        };
+        let Some(leases) = leases else {
+            return Ok(slot);
+        };
+        match leases.acquire(max_wait.map(|w| arrived + w)).await {
+            Ok(lease) => {
+                if lease.waited() || !slot.queued_for.is_zero() {
+                    slot.queued_for = arrived.elapsed();
+                }
+                slot.lease = Some(lease);
+                Ok(slot)
+            }
+            Err(refused) => {
+                let cause = if refused.timed_out {
+                    ShedCause::Timeout
+                } else {
+                    ShedCause::SharedFull
+                };
+                self.inner.lock().counters.shed(cause);
+                // Gives the local place to the next waiter.
+                drop(slot);
+                Err(shed(cause, MIN_RETRY_AFTER, arrived.elapsed()))
+            }
         }
     }
 
@@ -213,6 +282,21 @@ impl ConcurrencyLimiter {
             .as_ref()
             .map_or(1, |q| q.priority.classes.len());
         state.queue.resize(classes);
+        match (&state.shared, config.shared) {
+            (Some(leases), Some(c)) => leases.reconfigure(shared_max(&config), c),
+            (None, Some(c)) => {
+                state.shared = Some(SharedLeases::new(
+                    &self.inner.route,
+                    shared_max(&config),
+                    c,
+                    self.inner.leases.clone(),
+                ));
+            }
+            // Running requests keep their leases and give them back when
+            // they end.
+            (Some(_), None) => state.shared = None,
+            (None, None) => {}
+        }
         state.config = config;
         state.grant_waiters();
     }
@@ -270,7 +354,9 @@ impl ConcurrencyLimiter {
             shed_queue_full: c.shed[ShedCause::QueueFull as usize],
             shed_displaced: c.shed[ShedCause::Displaced as usize],
             shed_timeout: c.shed[ShedCause::Timeout as usize],
+            shed_shared_full: c.shed[ShedCause::SharedFull as usize],
             abandoned: c.abandoned,
+            shared: state.shared.as_ref().map(SharedLeases::stats),
         }
     }
 
@@ -300,6 +386,7 @@ impl ConcurrencyLimiter {
                 inner: Arc::clone(&self.inner),
                 identity,
                 queued_for: Duration::ZERO,
+                lease: None,
             }));
         }
 
@@ -368,6 +455,12 @@ impl std::fmt::Debug for ConcurrencyLimiter {
             .field("queued", &state.queue.len())
             .finish()
     }
+}
+
+/// The cap across replicas of a shared route (`max_in_flight`; the config
+/// never makes a shared route without it).
+fn shared_max(config: &ConcurrencyConfig) -> u32 {
+    config.max_in_flight.unwrap_or(u32::MAX)
 }
 
 fn shed(cause: ShedCause, retry_after: Duration, queued_for: Duration) -> Rejected {
@@ -473,6 +566,7 @@ impl Waiting {
                 inner: Arc::clone(&self.inner),
                 identity: self.identity.take(),
                 queued_for,
+                lease: None,
             }),
             Grant::Displaced => Err(shed(ShedCause::Displaced, MIN_RETRY_AFTER, queued_for)),
         }

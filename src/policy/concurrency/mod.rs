@@ -60,8 +60,8 @@
 //! # Retry-After
 //!
 //! Every refusal carries a `retry_after` (at least one second):
-//! - per identity, no queue, queue timeout, displaced: 1 s (when one of the
-//!   identity's own requests ends is unknowable);
+//! - per identity, no queue, queue timeout, displaced, shared cap full:
+//!   1 s (when a running request ends is unknowable);
 //! - a full queue: until the oldest waiter is certain to have left the queue
 //!   (`max_wait` minus the time it has waited), which frees a place.
 //!
@@ -73,28 +73,54 @@
 //! it. Waiters keep the deadline they queued with; a class that disappeared
 //! merges into the new lowest class (keeping arrival order).
 //!
+//! # A cap across replicas (`shared: true`)
+//!
+//! A shared route admits a request in two steps: the local steps above
+//! (per identity, the instance's own count against `max_in_flight`, the
+//! priority queue), then a *lease* on one of the route's `max_in_flight`
+//! places across the fleet, taken in Redis before the request runs and held
+//! by the [`Slot`] ([`SharedLeases`], rules in [`shared`]). When the fleet
+//! is full, a request of a route without a queue is shed at once
+//! ([`ShedCause::SharedFull`]); with a queue it keeps trying until
+//! `max_wait` (from its arrival) and is then shed ([`ShedCause::Timeout`]).
+//! While Redis cannot be reached, each instance admits up to
+//! `max_in_flight ÷ store.redis.expected_replicas` on its own.
+//! `per_identity` stays a cap per instance.
+//!
 //! # Approximations
 //!
-//! None on one instance: counts are exact (one mutex per route). Caps are
-//! per instance; `shared: true` (a cap across replicas) is planned.
+//! None on one instance: counts are exact (one mutex per route). Across
+//! replicas: requests waiting for a lease are not ordered by priority
+//! between instances (within one, the local queue orders them before they
+//! try); a replica that dies holds its places until its leases expire (one
+//! `lease`, 10 s by default); while Redis is away, the cap is the local
+//! share, and requests admitted then are counted in Redis only once a
+//! renewal finds room for them.
 
 pub(crate) mod identity;
+mod lease;
 mod limiter;
 mod pacer;
 mod queue;
 mod registry;
+pub mod shared;
 
 #[cfg(test)]
 mod tests;
 
 use std::time::Duration;
 
+pub use lease::{
+    Lease, LeaseBackend, LeaseEvent, LeaseHook, LeaseOp, LeaseStore, NoLease, SharedLeases,
+    SharedStats,
+};
 pub use limiter::{ClassDepth, ConcurrencyLimiter, ConcurrencyStats, Slot};
 pub use pacer::{
     CallLimits, CallPermit, Pace, PaceState, Pacer, PacerStats, QuotaCause, UpstreamQuota,
     DEFAULT_CALL_MAX_QUEUE, DEFAULT_CALL_MAX_WAIT, RATE_WINDOW,
 };
 pub use registry::{Admission, AdmissionRegistry, RouteAdmission};
+pub use shared::{HoldReply, LeaseTable, SharedConfig};
 
 /// `queue.max_depth` when not set.
 pub const DEFAULT_QUEUE_MAX_DEPTH: u32 = 100;
@@ -117,6 +143,9 @@ pub struct ConcurrencyConfig {
     /// Where requests wait when `max_in_flight` is reached; `None` = they
     /// are shed at once. Only set together with `max_in_flight`.
     pub queue: Option<QueueConfig>,
+    /// `shared: true`: `max_in_flight` holds across replicas (leases in
+    /// Redis). Only set together with `max_in_flight` and `store.redis`.
+    pub shared: Option<SharedConfig>,
 }
 
 /// `routes[].concurrency.queue`, compiled.
@@ -239,16 +268,19 @@ pub enum ShedCause {
     QueueFull,
     /// A higher-priority request took this waiter's place in a full queue.
     Displaced,
-    /// The request waited `max_wait`.
+    /// The request waited `max_wait` (in the queue, or for a lease).
     Timeout,
+    /// A shared route is full across replicas and has no queue.
+    SharedFull,
 }
 
 impl ShedCause {
-    pub const ALL: [ShedCause; 4] = [
+    pub const ALL: [ShedCause; 5] = [
         ShedCause::NoQueue,
         ShedCause::QueueFull,
         ShedCause::Displaced,
         ShedCause::Timeout,
+        ShedCause::SharedFull,
     ];
 
     /// Metric label.
@@ -258,6 +290,7 @@ impl ShedCause {
             ShedCause::QueueFull => "queue_full",
             ShedCause::Displaced => "displaced",
             ShedCause::Timeout => "timeout",
+            ShedCause::SharedFull => "shared_full",
         }
     }
 
@@ -267,6 +300,7 @@ impl ShedCause {
             ShedCause::QueueFull => "the route's queue is full",
             ShedCause::Displaced => "a higher-priority request took this one's place in the queue",
             ShedCause::Timeout => "waited too long in the route's queue",
+            ShedCause::SharedFull => "the route is at its concurrency limit across replicas",
         }
     }
 }

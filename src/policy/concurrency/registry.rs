@@ -16,13 +16,16 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::{ConcurrencyLimiter, Pacer};
+use super::{ConcurrencyLimiter, LeaseBackend, Pacer};
 use crate::config::Snapshot;
 use crate::policy::streams::{StreamCap, StreamLimiter, StreamsConfig};
 
 /// Limiters and pacers by name; lives in the service for the whole run.
 #[derive(Debug, Default)]
 pub struct AdmissionRegistry {
+    /// Where shared routes lease their places (fixed for the process, like
+    /// `store`).
+    leases: LeaseBackend,
     concurrency: Mutex<HashMap<String, ConcurrencyLimiter>>,
     streams: Mutex<HashMap<String, StreamLimiter>>,
     pacers: Mutex<HashMap<String, Pacer>>,
@@ -72,6 +75,14 @@ impl AdmissionRegistry {
         Self::default()
     }
 
+    /// A registry whose shared routes lease their places from `leases`.
+    pub fn with_leases(leases: LeaseBackend) -> Self {
+        AdmissionRegistry {
+            leases,
+            ..Self::default()
+        }
+    }
+
     /// The instance stream cap.
     pub fn stream_cap(&self) -> &StreamCap {
         &self.cap
@@ -98,7 +109,11 @@ impl AdmissionRegistry {
                             existing.clone()
                         }
                         None => {
-                            let limiter = ConcurrencyLimiter::new((**config).clone());
+                            let limiter = ConcurrencyLimiter::for_route(
+                                &route.name,
+                                (**config).clone(),
+                                self.leases.clone(),
+                            );
                             concurrency.insert(route.name.clone(), limiter.clone());
                             limiter
                         }

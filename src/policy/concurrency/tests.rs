@@ -21,6 +21,7 @@ fn limiter(
         max_in_flight: max,
         per_identity,
         queue,
+        shared: None,
     })
 }
 
@@ -444,6 +445,7 @@ async fn reconfigure_keeps_counts_and_admits_waiters_when_raised() {
         max_in_flight: Some(2),
         per_identity: None,
         queue: Some(queue(10, 10 * SEC, &["a", "b"])),
+        shared: None,
     });
     assert_eq!(l.in_flight(), 2);
     // The oldest of the merged class got the new place.
@@ -454,6 +456,7 @@ async fn reconfigure_keeps_counts_and_admits_waiters_when_raised() {
         max_in_flight: Some(1),
         per_identity: None,
         queue: Some(queue(10, 10 * SEC, &["a", "b"])),
+        shared: None,
     });
     drop(a);
     assert!(poll_once(&mut w_mid).is_pending());
@@ -484,6 +487,7 @@ fn priority_class_from_header_streaming_and_default() {
         max_in_flight: Some(1),
         per_identity: None,
         queue: None,
+        shared: None,
     };
     assert_eq!(no_queue.class_for(Some(b"batch"), true), 0);
     assert_eq!(no_queue.priority_header(), None);
