@@ -1555,6 +1555,241 @@ mod team_examples_hold_their_numbers {
         );
     }
 
+    /// The name of the route that serves `method path` (first match wins).
+    fn served_by<'a>(snap: &'a Snapshot, method: &str, path: &str) -> &'a str {
+        let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+        let no_header = |_: &str| None;
+        let req = crate::routing::RequestParts {
+            method: &method,
+            path,
+            host: None,
+            header: &no_header,
+        };
+        let i = crate::routing::find(&snap.routes, &req)
+            .unwrap_or_else(|| panic!("no route serves {method} {path}"));
+        &snap.routes[i].name
+    }
+
+    fn cache<'a>(snap: &'a Snapshot, name: &str) -> &'a crate::policy::cache::CachePolicy {
+        route(snap, name)
+            .cache
+            .as_deref()
+            .unwrap_or_else(|| panic!("route `{name}`: no cache"))
+    }
+
+    #[test]
+    fn research_copilot_cache() {
+        use crate::policy::cache::{Scope, StoreKind};
+        const H: u64 = 3600;
+        let snap = example("research-copilot");
+        // (row, method, path, route, ttl, scope, store)
+        for (row, method, path, name, ttl, scope, store) in [
+            (
+                "rc-69",
+                "POST",
+                "/openai/v1/embeddings",
+                "embeddings",
+                24 * H,
+                Scope::Shared,
+                StoreKind::Tiered,
+            ),
+            (
+                "rc-70",
+                "GET",
+                "/openai/v1/models",
+                "models",
+                H,
+                Scope::Shared,
+                StoreKind::Memory,
+            ),
+            (
+                "rc-70",
+                "GET",
+                "/openai/v1/models/gpt-4o",
+                "models",
+                H,
+                Scope::Shared,
+                StoreKind::Memory,
+            ),
+            (
+                "rc-71",
+                "POST",
+                "/rag",
+                "rag",
+                H,
+                Scope::User,
+                StoreKind::Tiered,
+            ),
+            (
+                "rc-71",
+                "POST",
+                "/rag-distllm",
+                "rag-distllm",
+                H,
+                Scope::User,
+                StoreKind::Tiered,
+            ),
+            (
+                "rc-72",
+                "GET",
+                "/sessions/42",
+                "session-read",
+                300,
+                Scope::User,
+                StoreKind::Memory,
+            ),
+            (
+                "rc-73",
+                "POST",
+                "/utils/tokens/count",
+                "token-count",
+                24 * H,
+                Scope::Shared,
+                StoreKind::Tiered,
+            ),
+        ] {
+            assert_eq!(
+                served_by(&snap, method, path),
+                name,
+                "docs/teams.md {row}: {method} {path}"
+            );
+            let c = cache(&snap, name);
+            assert_eq!(c.ttl.as_secs(), ttl, "docs/teams.md {row}: `{name}` ttl");
+            assert_eq!(c.scope, scope, "docs/teams.md {row}: `{name}` scope");
+            assert_eq!(c.store, store, "docs/teams.md {row}/rc-77: `{name}` store");
+        }
+        assert_eq!(
+            cache(&snap, "embeddings").ignore_fields,
+            [vec!["user".to_string()]],
+            "docs/teams.md rc-69: users share embeddings"
+        );
+        // Creating sessions, chatting, the agent and LLM completions are not cached.
+        for (method, path) in [
+            ("POST", "/sessions"),
+            ("POST", "/chat"),
+            ("POST", "/copilot"),
+            ("POST", "/copilot-agent"),
+            ("POST", "/openai/v1/chat/completions"),
+            ("POST", "/utils/other"),
+        ] {
+            let name = served_by(&snap, method, path);
+            assert!(
+                route(&snap, name).cache.is_none(),
+                "{method} {path} (route `{name}`) is not cached"
+            );
+        }
+        assert!(
+            snap.store.is_some(),
+            "docs/teams.md rc-77: the tiered routes have Redis"
+        );
+        assert_eq!(
+            snap.server.admin.token_env.as_deref(),
+            Some("FLOODWALL_ADMIN_TOKEN"),
+            "docs/teams.md rc-78: the purge endpoint needs the admin token"
+        );
+        // The token-count route keeps python-utils' retries and fallback.
+        let (tc, utils) = (route(&snap, "token-count"), route(&snap, "utils"));
+        assert_eq!(tc.retry, utils.retry, "token-count retries as utils");
+        assert_eq!(
+            tc.fallback, utils.fallback,
+            "token-count falls back as utils"
+        );
+    }
+
+    #[test]
+    fn notes_assistant_cache() {
+        use crate::policy::cache::{Scope, StoreKind};
+        const DAY: u64 = 86_400;
+        let snap = example("notes-assistant");
+        assert_eq!(served_by(&snap, "POST", "/query"), "query");
+        let q = cache(&snap, "query");
+        assert_eq!(q.ttl.as_secs(), DAY, "docs/teams.md na-14: 24 h");
+        assert_eq!(q.scope, Scope::User, "docs/teams.md na-14: keyed by user");
+        assert!(
+            q.ignore_fields.is_empty(),
+            "docs/teams.md na-14: the whole body (query and sources) is in the key"
+        );
+        assert_eq!(q.store, StoreKind::Tiered, "docs/teams.md na-14");
+        assert_eq!(
+            q.stale_if_error.map(|d| d.as_secs()),
+            Some(DAY),
+            "docs/teams.md na-21: an expired answer is served while inference is down"
+        );
+
+        let path = "/hf/pipeline/feature-extraction/sentence-transformers/all-MiniLM-L6-v2";
+        assert_eq!(
+            served_by(&snap, "POST", path),
+            "hf-embeddings",
+            "docs/teams.md na-15: embeddings before hf-egress"
+        );
+        let e = cache(&snap, "hf-embeddings");
+        assert_eq!(e.ttl.as_secs(), 7 * DAY, "docs/teams.md na-15: 7 days");
+        assert_eq!(e.scope, Scope::Shared, "docs/teams.md na-15");
+        assert_eq!(e.store, StoreKind::Tiered, "docs/teams.md na-15");
+        assert_eq!(
+            e.stale_if_error.map(|d| d.as_secs()),
+            Some(7 * DAY),
+            "docs/teams.md na-21"
+        );
+        let emb = route(&snap, "hf-embeddings");
+        assert_eq!(
+            emb.backend_name, "huggingface",
+            "docs/teams.md na-21: behind the inference breaker"
+        );
+        assert!(
+            matches!(
+                emb.fallback.as_slice(),
+                [
+                    FallbackTarget::StaleCache,
+                    FallbackTarget::Respond { status: 503, .. }
+                ]
+            ),
+            "docs/teams.md na-21/na-22: the cached answer, then the message: {:?}",
+            emb.fallback
+        );
+        assert_eq!(
+            emb.fallback_on,
+            FallbackOn {
+                circuit_open: true,
+                retries_exhausted: false
+            },
+            "docs/teams.md na-21: while the breaker is open"
+        );
+        assert!(
+            route(&snap, "hf-egress").cache.is_none(),
+            "completions on hf-egress are not cached (the query route holds the answers)"
+        );
+        assert_eq!(
+            snap.cache_store.max_memory,
+            200 << 20,
+            "docs/teams.md na-32: two replicas' memory tiers stay under 500 MB"
+        );
+        assert!(
+            snap.server.admin.listen.starts_with("127."),
+            "docs/teams.md na-34: the purge endpoint, open without a token, only on loopback"
+        );
+    }
+
+    #[test]
+    fn agent_chat_cache() {
+        use crate::policy::cache::{Scope, StoreKind};
+        let snap = example("agent-chat");
+        let c = cache(&snap, "chat");
+        assert_eq!(
+            c.ttl.as_secs(),
+            600,
+            "docs/teams.md ac-21: 10 min placeholder"
+        );
+        assert_eq!(c.scope, Scope::User, "docs/teams.md ac-21");
+        assert_eq!(c.store, StoreKind::Tiered, "docs/teams.md ac-21");
+        assert_eq!(
+            c.key_headers,
+            ["cookie"],
+            "docs/teams.md ac-21: a session cookie keeps users apart"
+        );
+        assert!(route(&snap, "tools").cache.is_none());
+    }
+
     /// The rows of docs/teams.md's tables whose status is `expressed`, as cells.
     fn expressed_rows() -> Vec<Vec<String>> {
         let path = root().join("docs/teams.md");
