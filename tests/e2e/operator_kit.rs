@@ -309,6 +309,7 @@ server:
   grace_period: 1s
 store:
   redis: {{ url: "{redis}", key_prefix: fw-e2e-kit, timeout: 200ms, expected_replicas: 2 }}
+  cache: {{ max_memory: 4KiB }}
 identity:
   user: [{{ header: x-user-id }}]
 prices:
@@ -339,6 +340,11 @@ routes:
     rewrite: {{ strip_prefix: /streams }}
     backend: main
     streams: {{ max_concurrent: 10, max_duration: 1s }}
+  - name: cached
+    match: {{ path_prefix: /cached/ }}
+    rewrite: {{ strip_prefix: /cached }}
+    backend: main
+    cache: {{ ttl: 1m, scope: shared, store: tiered }}
   - name: chat
     match: {{ path_prefix: / }}
     backend: main
@@ -437,13 +443,56 @@ async fn exported_families() -> HashMap<String, String> {
     })
     .await;
 
-    // Redis away: store errors and the `local` fallback.
+    // The cache: a miss then a hit, three identical misses at once (one
+    // upstream call, two collapsed), and more answers than the 4 KiB memory
+    // tier holds (evictions).
+    let path = format!("/cached{CHAT}");
+    let cached = |prompt: String, headers: Vec<(&'static str, &'static str)>| {
+        let path = path.clone();
+        async move {
+            let body = chat_body(&prompt, false).to_string();
+            let mut h = vec![("content-type", "application/json")];
+            h.extend(headers);
+            Client::new()
+                .send(addr, "POST", &path, &h, body.as_bytes())
+                .await
+        }
+    };
+    let first = cached("cache me".into(), vec![]).await;
+    assert_eq!(first.header("x-cache"), Some("MISS"), "{}", first.text());
+    let again = cached("cache me".into(), vec![]).await;
+    assert_eq!(again.header("x-cache"), Some("HIT"), "{}", again.text());
+    let slow = vec![("x-mock-fault", "latency=1s")];
+    let same: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(cached("all at once".into(), slow.clone())))
+        .collect();
+    for t in same {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    for i in 0..12 {
+        let r = cached(format!("fill the memory tier {i}"), vec![]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let m = fw
+        .wait_metrics("cache hits, collapsed misses and evictions", |m| {
+            m.contains("floodwall_cache_collapsed_total{")
+                && m.contains("floodwall_cache_evictions_total{")
+                && m.contains("floodwall_cache_bytes{")
+        })
+        .await;
+    fams.extend(families(&m));
+
+    // Redis away: store errors and the `local` fallback; the cache's Redis
+    // tier fails open (a miss, counted as an error).
     drop(redis);
     let r = post(fw.addr, CHAT, &[("x-user-id", "bob")], false).await;
     assert_eq!(r.status, 200, "{}", r.text());
+    let r = cached("while redis is away".into(), vec![]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
     let m = fw
-        .wait_metrics("a limiter store error", |m| {
+        .wait_metrics("a limiter store error and a cache store error", |m| {
             m.contains("floodwall_limiter_store_errors_total{")
+                && m.contains("floodwall_cache_errors_total{")
         })
         .await;
     fams.extend(families(&m));
@@ -568,6 +617,9 @@ fn every_alert_has_severity_summary_description_and_a_runbook_entry() {
         "FloodwallConfigReloadFailed",
         "FloodwallRedisFallback",
         "FloodwallSpendNearDailyBudget",
+        "FloodwallCacheHitRateLow",
+        "FloodwallCacheMemoryHigh",
+        "FloodwallCacheRedisErrors",
     ] {
         assert!(names.contains(wanted), "missing alert {wanted}");
     }
