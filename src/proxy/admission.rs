@@ -83,7 +83,7 @@ impl FloodwallProxy {
                 .unwrap_or(0);
             let parts = RequestParts::new(&req.headers, peer, &snap.server.trusted_proxies, now)
                 .with_body(ctx.llm.as_ref(), None);
-            ctx.identity = Some(identity::extract(&snap.limits.identity, &parts));
+            ctx.identity = Some(Box::new(identity::extract(&snap.limits.identity, &parts)));
         }
         let who = ctx.identity.as_ref().and_then(|i| i.user.clone());
         let m = &self.shared.admission_metrics;

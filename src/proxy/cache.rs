@@ -109,7 +109,7 @@ impl FloodwallProxy {
         let streaming = ctx.llm.as_ref().is_some_and(|l| l.stream);
         let key = self.cache_key(session, ctx, active, route, &policy, doc);
         let bypass = mode == RequestMode::NoStore || (streaming && !policy.streams);
-        ctx.cache = Some(CacheCtx {
+        ctx.cache = Some(Box::new(CacheCtx {
             status: if bypass || mode == RequestMode::Refresh {
                 Status::Bypass
             } else {
@@ -119,7 +119,7 @@ impl FloodwallProxy {
             policy: policy.clone(),
             stale: None,
             fill: None,
-        });
+        }));
         if bypass {
             CacheMetrics::inc(&m.requests, &[&route.name, "bypass"]);
             return Ok(None);
@@ -242,7 +242,7 @@ impl FloodwallProxy {
                         now_ms() / 1000,
                     )
                     .with_body(ctx.llm.as_ref(), doc);
-                    ctx.identity = Some(identity::extract(&snap.limits.identity, &parts));
+                    ctx.identity = Some(Box::new(identity::extract(&snap.limits.identity, &parts)));
                 }
                 Some(ctx.identity.as_ref().and_then(|i| i.user.clone()))
             }
@@ -313,7 +313,7 @@ impl FloodwallProxy {
             for c in &entry.chunks {
                 t.feed(entry.sse, &c.data);
             }
-            Some(t)
+            Some(Box::new(t))
         } else {
             // No tracker: the reservation is refunded in full.
             None

@@ -12,6 +12,8 @@ use crate::request::LlmFields;
 use crate::state::Active;
 use crate::telemetry::metrics::ActiveGuard;
 
+/// Large, rarely used parts are boxed: Pingora keeps the `Ctx` inside the
+/// per-request future, which is moved (copied) several times per request.
 pub struct Ctx {
     pub start: Instant,
     pub request_id: String,
@@ -23,7 +25,7 @@ pub struct Ctx {
     /// Index of `route` in the snapshot (for per-route runtime state).
     pub route_index: usize,
     /// A retryable upstream answer kept until the retry decision is made.
-    pub held_answer: Option<super::forward::HeldAnswer>,
+    pub held_answer: Option<Box<super::forward::HeldAnswer>>,
     /// The whole request body, replayable.
     pub body: Bytes,
     pub llm: Option<LlmFields>,
@@ -42,13 +44,13 @@ pub struct Ctx {
     pub stream_end: Option<StreamEnd>,
     pub cors: Vec<(&'static str, String)>,
     /// Who is calling, when the route has rate-limit rules.
-    pub identity: Option<crate::policy::identity::Identity>,
+    pub identity: Option<Box<crate::policy::identity::Identity>>,
     /// Tokens and cost reserved at admission, reconciled when the response ends.
     pub reservation: Option<crate::policy::ratelimit::Reservation>,
     /// `X-RateLimit-*` and IETF `RateLimit*` headers for every response of a limited route.
     pub rate_headers: Vec<(&'static str, String)>,
     /// Usage read from the response (JSON `usage` or the SSE stream).
-    pub usage: Option<super::limits::UsageTracker>,
+    pub usage: Option<Box<super::limits::UsageTracker>>,
     /// Tokens charged when the request ended, and whether they were estimated.
     pub usage_tokens: u64,
     /// The stream slot, when this is a streaming request.
@@ -61,7 +63,7 @@ pub struct Ctx {
     /// Counts the request as in flight for graceful shutdown.
     pub in_flight: Option<crate::shutdown::InFlight>,
     /// The response cache's state, on a cached route.
-    pub cache: Option<super::cache::CacheCtx>,
+    pub cache: Option<Box<super::cache::CacheCtx>>,
 }
 
 impl Ctx {

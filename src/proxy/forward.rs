@@ -151,7 +151,7 @@ impl FloodwallProxy {
                 }
                 // An explicit `fallback: - stale_cache: true` here.
                 if stale_at == Some(ti) {
-                    if let Some(sent) = self.serve_stale(session, ctx).await {
+                    if let Some(sent) = Box::pin(self.serve_stale(session, ctx)).await {
                         Self::observe_attempts(&metrics, route, ctx.attempts);
                         return sent;
                     }
@@ -183,7 +183,7 @@ impl FloodwallProxy {
                         ),
                     );
                     Self::observe_attempts(&metrics, route, ctx.attempts);
-                    return self.finish_attempts(session, ctx, route, r).await;
+                    return Box::pin(self.finish_attempts(session, ctx, route, r)).await;
                 }
                 // Breakers: the backend's, then a healthy endpoint's.
                 let mut permits = Permits::default();
@@ -246,7 +246,12 @@ impl FloodwallProxy {
                 match decision {
                     Delay::After(d) => {
                         if let Some(h) = ctx.held_answer.take() {
-                            drain_and_release(&self.connector, &active.backends[h.bidx], h).await;
+                            Box::pin(drain_and_release(
+                                &self.connector,
+                                &active.backends[h.bidx],
+                                h,
+                            ))
+                            .await;
                         }
                         ResilienceMetrics::inc(
                             &metrics.retries,
@@ -280,8 +285,12 @@ impl FloodwallProxy {
                             let stale = ctx.cache.as_ref().is_some_and(|c| c.stale.is_some());
                             if may_fall_back || stale {
                                 // A fallback, or `cache.stale_if_error`, answers instead.
-                                drain_and_release(&self.connector, &active.backends[h.bidx], h)
-                                    .await;
+                                Box::pin(drain_and_release(
+                                    &self.connector,
+                                    &active.backends[h.bidx],
+                                    h,
+                                ))
+                                .await;
                             } else {
                                 // The upstream's own answer is the last word: pass it through.
                                 Self::observe_attempts(&metrics, route, ctx.attempts);
@@ -307,18 +316,18 @@ impl FloodwallProxy {
         Self::observe_attempts(&metrics, route, ctx.attempts);
         // `cache.stale_if_error`: an expired answer beats an error (and the
         // static `respond`).
-        if let Some(sent) = self.serve_stale(session, ctx).await {
+        if let Some(sent) = Box::pin(self.serve_stale(session, ctx)).await {
             return sent;
         }
         if may_fall_back {
             if let Some((status, body)) = respond {
                 ResilienceMetrics::inc(&metrics.fallbacks, &[&route.name, "respond"]);
-                return self.respond_static(session, ctx, status, body).await;
+                return Box::pin(self.respond_static(session, ctx, status, body)).await;
             }
         }
         let r =
             last.unwrap_or_else(|| Reject::new(Reason::UpstreamError, "no backend could answer"));
-        self.finish_attempts(session, ctx, route, r).await
+        Box::pin(self.finish_attempts(session, ctx, route, r)).await
     }
 
     fn observe_attempts(metrics: &ResilienceMetrics, route: &Route, attempts: u32) {
@@ -337,10 +346,10 @@ impl FloodwallProxy {
         _route: &Route,
         r: Reject,
     ) -> Result<bool> {
-        if let Some(sent) = self.serve_stale(session, ctx).await {
+        if let Some(sent) = Box::pin(self.serve_stale(session, ctx)).await {
             return sent;
         }
-        self.reject(session, ctx, r, true).await
+        Box::pin(self.reject(session, ctx, r, true)).await
     }
 
     /// One attempt: connect, send, read the header, classify; commit to the
@@ -405,7 +414,7 @@ impl FloodwallProxy {
                             ),
                         );
                         r.retry_after = Some(q.retry_after.as_secs_f64().ceil().max(1.0) as u64);
-                        let sent = self.reject(session, ctx, r, true).await;
+                        let sent = Box::pin(self.reject(session, ctx, r, true)).await;
                         return Ok(Step::Done(sent));
                     }
                 }
@@ -502,13 +511,13 @@ impl FloodwallProxy {
             let msg = format!("upstream {} answered {status}", backend_cfg.name);
             // Keep the answer for a pass-through if this turns out to be the
             // last word; the caller decides, so stash it in the ctx.
-            ctx.held_answer = Some(HeldAnswer {
+            ctx.held_answer = Some(Box::new(HeldAnswer {
                 answer,
                 resp,
                 held,
                 backend: backend_cfg.name.clone(),
                 bidx,
-            });
+            }));
             return Ok(Step::Failed(Failed {
                 failure,
                 reject: Reject::new(Reason::UpstreamError, msg),
@@ -520,15 +529,15 @@ impl FloodwallProxy {
         // with the expired entry instead, when there is one.
         if status >= 500 && ctx.cache.as_ref().is_some_and(|c| c.stale.is_some()) {
             permits.record(Some(status), false, header_elapsed);
-            let held = HeldAnswer {
+            let held = Box::new(HeldAnswer {
                 answer,
                 resp,
                 held,
                 backend: backend_cfg.name.clone(),
                 bidx,
-            };
-            drain_and_release(&self.connector, backend, held).await;
-            if let Some(sent) = self.serve_stale(session, ctx).await {
+            });
+            Box::pin(drain_and_release(&self.connector, backend, held)).await;
+            if let Some(sent) = Box::pin(self.serve_stale(session, ctx)).await {
                 return Ok(Step::Done(sent));
             }
             return Ok(Step::Done(Err(Error::explain(
@@ -684,7 +693,7 @@ impl FloodwallProxy {
                         false,
                     )
                     .await;
-                    return self.reject(session, ctx, r, true).await;
+                    return Box::pin(self.reject(session, ctx, r, true)).await;
                 }
             }
         }
@@ -791,7 +800,7 @@ impl FloodwallProxy {
         ctx.stream_end = Some(end);
         if let (Some(c), Some(f)) = (ctx.cache.as_mut(), fill) {
             c.fill = Some(f);
-            self.finish_fill(ctx, end).await;
+            Box::pin(self.finish_fill(ctx, end)).await;
         }
         let m = &self.shared.admission_metrics;
         if ctx.stream.is_some() {
@@ -996,7 +1005,7 @@ async fn wait_first_token(
 pub(super) async fn drain_and_release(
     connector: &pingora::connectors::http::Connector,
     backend: &BackendRuntime,
-    mut held: HeldAnswer,
+    mut held: Box<HeldAnswer>,
 ) {
     let done = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let mut n = 0usize;

@@ -22,7 +22,7 @@ const HOP_BY_HOP: [&str; 9] = [
 ];
 
 fn connection_tokens(h: &http::HeaderMap) -> Vec<String> {
-    h.get_all("connection")
+    h.get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -31,21 +31,33 @@ fn connection_tokens(h: &http::HeaderMap) -> Vec<String> {
         .collect()
 }
 
+/// The hop-by-hop headers present in `h`: the fixed list plus those the
+/// `Connection` header names. One pass over the header names; nothing is
+/// allocated when there are none (the common case for requests).
+fn hop_by_hop_present(h: &http::HeaderMap) -> Vec<http::HeaderName> {
+    let tokens = if h.contains_key(http::header::CONNECTION) {
+        connection_tokens(h)
+    } else {
+        Vec::new()
+    };
+    h.keys()
+        .filter(|name| {
+            let n = name.as_str();
+            HOP_BY_HOP.contains(&n) || tokens.iter().any(|t| t == n)
+        })
+        .cloned()
+        .collect()
+}
+
 pub fn strip_hop_by_hop_request(req: &mut RequestHeader) {
-    for t in connection_tokens(&req.headers) {
-        req.remove_header(t.as_str());
-    }
-    for h in HOP_BY_HOP {
-        req.remove_header(h);
+    for name in hop_by_hop_present(&req.headers) {
+        req.remove_header(&name);
     }
 }
 
 pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
-    for t in connection_tokens(&resp.headers) {
-        resp.remove_header(t.as_str());
-    }
-    for h in HOP_BY_HOP {
-        resp.remove_header(h);
+    for name in hop_by_hop_present(&resp.headers) {
+        resp.remove_header(&name);
     }
 }
 

@@ -207,7 +207,7 @@ impl FloodwallProxy {
         if let Some(h) = &decision.headers {
             ctx.rate_headers = h.pairs().to_vec();
         }
-        ctx.identity = Some(ident);
+        ctx.identity = Some(Box::new(ident));
         if !decision.allowed {
             let reason = match decision.reason {
                 Some(ratelimit::Reason::RateLimited) => Reason::RateLimited,
@@ -227,7 +227,7 @@ impl FloodwallProxy {
             return self.reject(session, ctx, r, true).await.map(Some);
         }
         if decision.reservation.is_some() {
-            ctx.usage = Some(UsageTracker::new());
+            ctx.usage = Some(Box::new(UsageTracker::new()));
         }
         ctx.reservation = decision.reservation;
         Ok(None)

@@ -263,13 +263,9 @@ fn expects_continue(req: &RequestHeader) -> bool {
 
 fn is_json_content_type(req: &RequestHeader) -> bool {
     header_str(req, "content-type").is_some_and(|ct| {
-        let ct = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        ct == "application/json" || ct.ends_with("+json")
+        let ct = ct.split(';').next().unwrap_or("").trim();
+        ct.eq_ignore_ascii_case("application/json")
+            || (ct.len() >= 5 && ct.as_bytes()[ct.len() - 5..].eq_ignore_ascii_case(b"+json"))
     })
 }
 
@@ -360,7 +356,7 @@ impl ProxyHttp for FloodwallProxy {
         // Body.
         ctx.body = match Self::read_body(session, route.request.max_body).await {
             Ok(b) => b,
-            Err(r) => return self.reject(session, ctx, r, false).await,
+            Err(r) => return Box::pin(self.reject(session, ctx, r, false)).await,
         };
         ctx.bytes_in = ctx.body.len() as u64;
         let parse_json = match route.request.json {
@@ -376,7 +372,7 @@ impl ProxyHttp for FloodwallProxy {
             match request::parse(&ctx.body, keep_doc) {
                 Ok(Some((fields, parsed))) => {
                     if let Err(e) = request::check(&route.request, &fields, parsed.as_ref()) {
-                        return self.reject(session, ctx, body_reject(e), true).await;
+                        return Box::pin(self.reject(session, ctx, body_reject(e), true)).await;
                     }
                     ctx.llm = Some(fields);
                     doc = parsed;
@@ -386,14 +382,14 @@ impl ProxyHttp for FloodwallProxy {
                         Reason::InvalidJson,
                         "request body is empty; this route expects JSON",
                     );
-                    return self.reject(session, ctx, r, true).await;
+                    return Box::pin(self.reject(session, ctx, r, true)).await;
                 }
                 Ok(None) => {
                     if let Err(e) = request::check(&route.request, &Default::default(), None) {
-                        return self.reject(session, ctx, body_reject(e), true).await;
+                        return Box::pin(self.reject(session, ctx, body_reject(e), true)).await;
                     }
                 }
-                Err(e) => return self.reject(session, ctx, body_reject(e), true).await,
+                Err(e) => return Box::pin(self.reject(session, ctx, body_reject(e), true)).await,
             }
         } else if !route.request.fields.is_empty() || route.request.max_messages.is_some() {
             // Checks that need JSON, on a body that is not declared JSON:
@@ -403,7 +399,7 @@ impl ProxyHttp for FloodwallProxy {
                     Reason::InvalidRequest,
                     "this route checks JSON fields; send the body as Content-Type: application/json",
                 );
-                return self.reject(session, ctx, r, true).await;
+                return Box::pin(self.reject(session, ctx, r, true)).await;
             }
         }
 
@@ -424,7 +420,7 @@ impl ProxyHttp for FloodwallProxy {
         drop(doc);
 
         // Stream slots and the route's concurrency limit (may queue).
-        if let Some(sent) = self.admit_admission(session, ctx, &active).await? {
+        if let Some(sent) = Box::pin(self.admit_admission(session, ctx, &active)).await? {
             return Ok(sent);
         }
 
@@ -527,7 +523,7 @@ impl ProxyHttp for FloodwallProxy {
         };
         let r = Reject::new(reason, e.etype().as_str().to_string());
         let code = r.status();
-        let _ = self.reject(session, ctx, r, false).await;
+        let _ = Box::pin(self.reject(session, ctx, r, false)).await;
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,

@@ -311,27 +311,32 @@ pub async fn start_attempt(
         None => base_peer,
     };
     let started = Instant::now();
-    let (mut up, reused) = connector.get_http_session(peer).await.map_err(|e| {
-        let timed_out = matches!(e.etype(), ErrorType::ConnectTimedout);
-        report.outcome = if timed_out {
-            "timeout"
-        } else {
-            "connect_error"
-        };
-        let reason = if timed_out {
-            Reason::UpstreamTimeout
-        } else {
-            Reason::UpstreamConnectError
-        };
-        Reject::new(
-            reason,
-            format!(
-                "could not connect to upstream {}: {}",
-                ep.url,
-                e.etype().as_str()
-            ),
-        )
-    })?;
+    // Boxed: Pingora's connect future is ~9 KB, and every future awaiting
+    // this one (up to the per-request future) would otherwise carry it and
+    // copy it when moved.
+    let (mut up, reused) = Box::pin(connector.get_http_session(peer))
+        .await
+        .map_err(|e| {
+            let timed_out = matches!(e.etype(), ErrorType::ConnectTimedout);
+            report.outcome = if timed_out {
+                "timeout"
+            } else {
+                "connect_error"
+            };
+            let reason = if timed_out {
+                Reason::UpstreamTimeout
+            } else {
+                Reason::UpstreamConnectError
+            };
+            Reject::new(
+                reason,
+                format!(
+                    "could not connect to upstream {}: {}",
+                    ep.url,
+                    e.etype().as_str()
+                ),
+            )
+        })?;
     report.reused_connection = reused;
 
     let mut header = req.header;
@@ -584,9 +589,8 @@ pub async fn release(
         return;
     };
     if reusable {
-        connector
-            .release_http_session(up, peer, Some(POOL_IDLE))
-            .await;
+        // Boxed for the same reason as the connect future.
+        Box::pin(connector.release_http_session(up, peer, Some(POOL_IDLE))).await;
     } else {
         let mut up = up;
         up.shutdown().await;

@@ -36,29 +36,349 @@ pub enum BodyError {
     TooLarge(String),
 }
 
-/// Unknown fields are skipped by serde without building values for them.
+/// Unknown fields are skipped by serde without building values for them,
+/// and the fields read are read leniently: a field of an unexpected type
+/// counts as absent (the request is still valid JSON and goes on).
 #[derive(Deserialize)]
 struct Raw {
     #[serde(default)]
-    model: Option<Value>,
+    model: Loose<String>,
     #[serde(default)]
-    stream: Option<Value>,
+    stream: Loose<bool>,
     #[serde(default)]
-    max_tokens: Option<Value>,
+    max_tokens: Loose<u64>,
     #[serde(default)]
-    max_completion_tokens: Option<Value>,
+    max_completion_tokens: Loose<u64>,
     #[serde(default)]
-    user: Option<Value>,
+    user: Loose<String>,
     #[serde(default)]
-    messages: Option<Vec<RawMessage>>,
+    messages: Messages,
     #[serde(default)]
-    prompt: Option<Value>,
+    prompt: Loose<Chars>,
 }
 
-#[derive(Deserialize)]
-struct RawMessage {
-    #[serde(default)]
-    content: Option<Value>,
+/// A value of type `T`, or `None` when the JSON value has another type.
+struct Loose<T>(Option<T>);
+
+impl<T> Default for Loose<T> {
+    fn default() -> Self {
+        Loose(None)
+    }
+}
+
+/// What `Loose<T>` accepts, as a serde visitor's result.
+trait LooseKind: Sized {
+    fn from_str(_: &str) -> Option<Self> {
+        None
+    }
+    fn from_bool(_: bool) -> Option<Self> {
+        None
+    }
+    fn from_u64(_: u64) -> Option<Self> {
+        None
+    }
+}
+
+impl LooseKind for String {
+    fn from_str(s: &str) -> Option<Self> {
+        Some(s.to_string())
+    }
+}
+impl LooseKind for bool {
+    fn from_bool(b: bool) -> Option<Self> {
+        Some(b)
+    }
+}
+impl LooseKind for u64 {
+    fn from_u64(n: u64) -> Option<Self> {
+        Some(n)
+    }
+}
+
+/// The number of Unicode scalar values of a string.
+struct Chars(usize);
+
+impl LooseKind for Chars {
+    fn from_str(s: &str) -> Option<Self> {
+        Some(Chars(s.chars().count()))
+    }
+}
+
+impl<'de, T: LooseKind> Deserialize<'de> for Loose<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: LooseKind> serde::de::Visitor<'de> for V<T> {
+            type Value = Loose<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(Loose(T::from_str(s)))
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
+                Ok(Loose(T::from_bool(b)))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+                Ok(Loose(T::from_u64(n)))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Loose(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Loose(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Loose(None))
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(Loose(None))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<Self::Value, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Self::Value, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Loose(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Self::Value, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Loose(None))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// `messages`: how many, and the characters of their text content (a
+/// string, or the `text` of each content part). Anything but a list counts
+/// as no messages.
+#[derive(Default)]
+struct Messages {
+    count: usize,
+    chars: usize,
+}
+
+/// Anything but an object counts as a message without text.
+#[derive(Default)]
+struct Message {
+    chars: usize,
+}
+
+/// A message's `content`: a string or a list of parts.
+#[derive(Default)]
+struct Content(usize);
+
+/// A content part: the characters of its `text`, when it is an object with one.
+#[derive(Default)]
+struct Part(usize);
+
+macro_rules! ignore_scalars {
+    () => {
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    };
+}
+
+/// A map key compared with one name, without allocating (escaped keys are
+/// unescaped by the parser first).
+struct KeyIs<const CONTENT: bool>(bool);
+
+impl<'de, const CONTENT: bool> Deserialize<'de> for KeyIs<CONTENT> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<const C: bool>;
+        impl<'de, const C: bool> serde::de::Visitor<'de> for V<C> {
+            type Value = KeyIs<C>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<KeyIs<C>, E> {
+                Ok(KeyIs(s == if C { "content" } else { "text" }))
+            }
+        }
+        d.deserialize_str(V::<CONTENT>)
+    }
+}
+
+fn skip_seq<'de, A: serde::de::SeqAccess<'de>>(mut a: A) -> Result<(), A::Error> {
+    while a.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+fn skip_map<'de, A: serde::de::MapAccess<'de>>(mut a: A) -> Result<(), A::Error> {
+    while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+impl<'de> Deserialize<'de> for Messages {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Messages;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of messages")
+            }
+            ignore_scalars!();
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Messages, A::Error> {
+                let mut m = Messages::default();
+                while let Some(msg) = a.next_element::<Message>()? {
+                    m.count += 1;
+                    m.chars += msg.chars;
+                }
+                Ok(m)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Messages, A::Error> {
+                skip_map(a)?;
+                Ok(Messages::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Message {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Message;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message")
+            }
+            ignore_scalars!();
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, a: A) -> Result<Message, A::Error> {
+                skip_seq(a)?;
+                Ok(Message::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Message, A::Error> {
+                let mut chars = 0;
+                while let Some(KeyIs(is_content)) = a.next_key::<KeyIs<true>>()? {
+                    if is_content {
+                        chars += a.next_value::<Content>()?.0;
+                    } else {
+                        a.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(Message { chars })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Content;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("message content")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Content, E> {
+                Ok(Content(s.chars().count()))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Content, E> {
+                Ok(Content(0))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Content, E> {
+                Ok(Content(0))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Content, E> {
+                Ok(Content(0))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Content, E> {
+                Ok(Content(0))
+            }
+            fn visit_unit<E>(self) -> Result<Content, E> {
+                Ok(Content(0))
+            }
+            fn visit_none<E>(self) -> Result<Content, E> {
+                Ok(Content(0))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Content, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Content, A::Error> {
+                let mut n = 0;
+                while let Some(p) = a.next_element::<Part>()? {
+                    n += p.0;
+                }
+                Ok(Content(n))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Content, A::Error> {
+                skip_map(a)?;
+                Ok(Content(0))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Part {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Part;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a content part")
+            }
+            ignore_scalars!();
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, a: A) -> Result<Part, A::Error> {
+                skip_seq(a)?;
+                Ok(Part(0))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Part, A::Error> {
+                let mut n = 0;
+                while let Some(KeyIs(is_text)) = a.next_key::<KeyIs<false>>()? {
+                    if is_text {
+                        n += a.next_value::<Loose<Chars>>()?.0.map_or(0, |c| c.0);
+                    } else {
+                        a.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(Part(n))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Parse a JSON body. `Ok(None)` for an empty body.
@@ -115,36 +435,13 @@ fn json_error(e: serde_json::Error) -> BodyError {
 }
 
 fn fields_of(raw: Raw) -> LlmFields {
-    let text_chars = |v: &Value| -> usize {
-        match v {
-            Value::String(s) => s.chars().count(),
-            Value::Array(parts) => parts
-                .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .map(|s| s.chars().count())
-                .sum(),
-            _ => 0,
-        }
-    };
-    let messages = raw.messages.unwrap_or_default();
-    let mut prompt_chars: usize = messages
-        .iter()
-        .filter_map(|m| m.content.as_ref())
-        .map(text_chars)
-        .sum();
-    if let Some(Value::String(p)) = &raw.prompt {
-        prompt_chars += p.chars().count();
-    }
     LlmFields {
-        model: raw.model.and_then(|v| v.as_str().map(str::to_string)),
-        stream: matches!(raw.stream, Some(Value::Bool(true))),
-        max_tokens: raw
-            .max_tokens
-            .or(raw.max_completion_tokens)
-            .and_then(|v| v.as_u64()),
-        user: raw.user.and_then(|v| v.as_str().map(str::to_string)),
-        message_count: messages.len(),
-        prompt_chars,
+        model: raw.model.0,
+        stream: raw.stream.0 == Some(true),
+        max_tokens: raw.max_tokens.0.or(raw.max_completion_tokens.0),
+        user: raw.user.0,
+        message_count: raw.messages.count,
+        prompt_chars: raw.messages.chars + raw.prompt.0.map_or(0, |c| c.0),
     }
 }
 
@@ -255,6 +552,39 @@ pub fn is_uuid(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn odd_shapes_are_read_leniently_without_failing() {
+        let (f, _) = super::parse(
+            br#"{"model": 5, "stream": "true", "max_tokens": -1, "user": ["x"],
+                "messages": [
+                  "not an object",
+                  {"role": "user", "con\u0074ent": "h\u00e9llo"},
+                  {"content": [ "a string part", {"type": "text", "text": "abc"}, {"text": 7}, [1] ]},
+                  {"content": {"text": "an object is not content"}},
+                  {"content": null}
+                ],
+                "prompt": "xy"}"#,
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(f.model, None);
+        assert!(!f.stream);
+        assert_eq!(f.max_tokens, None);
+        assert_eq!(f.user, None);
+        assert_eq!(f.message_count, 5);
+        // "héllo" (5) + "abc" (3) + "xy" (2)
+        assert_eq!(f.prompt_chars, 10);
+        let (f, _) = super::parse(
+            br#"{"messages": {"a": 1}, "max_completion_tokens": 9}"#,
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((f.message_count, f.max_tokens), (0, Some(9)));
+        assert!(super::parse(br#"{"messages": [{"content": "x"}"#, false).is_err());
+    }
+
     use super::*;
     use crate::config::JsonMode;
 

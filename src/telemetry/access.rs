@@ -128,6 +128,38 @@ pub fn now_rfc3339() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let secs = now.as_secs();
+    // The date and time to the second change once a second: format them
+    // once per second and thread, then add the microseconds.
+    thread_local! {
+        static PREFIX: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    PREFIX.with(|cell| {
+        let mut c = cell.borrow_mut();
+        if c.0 != secs {
+            *c = (secs, date_time(secs));
+        }
+        let mut out = String::with_capacity(c.1.len() + 8);
+        out.push_str(&c.1);
+        let micros = now.subsec_micros();
+        out.push('.');
+        let digits = [
+            micros / 100_000,
+            micros / 10_000 % 10,
+            micros / 1_000 % 10,
+            micros / 100 % 10,
+            micros / 10 % 10,
+            micros % 10,
+        ];
+        for d in digits {
+            out.push(char::from(b'0' + d as u8));
+        }
+        out.push('Z');
+        out
+    })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` (UTC) for Unix seconds.
+fn date_time(secs: u64) -> String {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -142,11 +174,10 @@ pub fn now_rfc3339() -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
     format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
         rem / 3600,
         (rem % 3600) / 60,
         rem % 60,
-        now.subsec_micros()
     )
 }
 
@@ -213,5 +244,10 @@ mod tests {
         let t = now_rfc3339();
         assert_eq!(t.len(), 27, "{t}");
         assert!(t.ends_with('Z') && t.as_bytes()[10] == b'T');
+        assert_eq!(date_time(1_700_000_000), "2023-11-14T22:13:20");
+        assert_eq!(date_time(951_782_400), "2000-02-29T00:00:00");
+        // The cached prefix follows the clock: two calls agree to the second.
+        let (a, b) = (now_rfc3339(), now_rfc3339());
+        assert!(a[..19] <= b[..19]);
     }
 }
