@@ -1003,7 +1003,7 @@ async fn wait_first_token(
 
 /// Drain a failed answer briefly so its connection can be reused; close it otherwise.
 pub(super) async fn drain_and_release(
-    connector: &pingora::connectors::http::Connector,
+    connector: &upstream::Connectors,
     backend: &BackendRuntime,
     mut held: Box<HeldAnswer>,
 ) {

@@ -30,7 +30,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -49,14 +48,14 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct FloodwallProxy {
     shared: Arc<Shared>,
-    connector: Connector,
+    connector: upstream::Connectors,
 }
 
 impl FloodwallProxy {
     pub fn new(shared: Arc<Shared>) -> Self {
         FloodwallProxy {
             shared,
-            connector: Connector::new(None),
+            connector: upstream::Connectors::default(),
         }
     }
 

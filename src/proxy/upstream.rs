@@ -279,9 +279,50 @@ pub struct Answer {
     pub endpoint: usize,
 }
 
+/// Pingora's connectors: the general one (h2 by ALPN on TLS endpoints) and
+/// an HTTP/1 one for plain-http endpoints. A plain-http attempt first looks
+/// for a pooled connection, a small future; only a new connection builds
+/// Pingora's connect future (~9 KB, boxed so that the per-request future
+/// does not carry it).
+pub struct Connectors {
+    any: Connector,
+    h1: pingora::connectors::http::v1::Connector,
+}
+
+impl Default for Connectors {
+    fn default() -> Self {
+        Connectors {
+            any: Connector::new(None),
+            h1: pingora::connectors::http::v1::Connector::new(None),
+        }
+    }
+}
+
+impl Connectors {
+    async fn get(&self, peer: &HttpPeer) -> pingora::Result<(HttpSession, bool)> {
+        if peer.is_tls() {
+            return Box::pin(self.any.get_http_session(peer)).await;
+        }
+        if let Some(s) = self.h1.reused_http_session(peer).await {
+            return Ok((HttpSession::H1(s), true));
+        }
+        let (s, reused) = Box::pin(self.h1.get_http_session(peer)).await?;
+        Ok((HttpSession::H1(s), reused))
+    }
+
+    async fn release(&self, up: HttpSession, peer: &HttpPeer) {
+        match up {
+            HttpSession::H1(s) if !peer.is_tls() => {
+                Box::pin(self.h1.release_http_session(s, peer, Some(POOL_IDLE))).await
+            }
+            up => Box::pin(self.any.release_http_session(up, peer, Some(POOL_IDLE))).await,
+        }
+    }
+}
+
 /// Connect, send the request and wait for the response header.
 pub async fn start_attempt(
-    connector: &Connector,
+    connector: &Connectors,
     backend: &BackendRuntime,
     endpoint: usize,
     req: AttemptRequest<'_>,
@@ -311,32 +352,27 @@ pub async fn start_attempt(
         None => base_peer,
     };
     let started = Instant::now();
-    // Boxed: Pingora's connect future is ~9 KB, and every future awaiting
-    // this one (up to the per-request future) would otherwise carry it and
-    // copy it when moved.
-    let (mut up, reused) = Box::pin(connector.get_http_session(peer))
-        .await
-        .map_err(|e| {
-            let timed_out = matches!(e.etype(), ErrorType::ConnectTimedout);
-            report.outcome = if timed_out {
-                "timeout"
-            } else {
-                "connect_error"
-            };
-            let reason = if timed_out {
-                Reason::UpstreamTimeout
-            } else {
-                Reason::UpstreamConnectError
-            };
-            Reject::new(
-                reason,
-                format!(
-                    "could not connect to upstream {}: {}",
-                    ep.url,
-                    e.etype().as_str()
-                ),
-            )
-        })?;
+    let (mut up, reused) = connector.get(peer).await.map_err(|e| {
+        let timed_out = matches!(e.etype(), ErrorType::ConnectTimedout);
+        report.outcome = if timed_out {
+            "timeout"
+        } else {
+            "connect_error"
+        };
+        let reason = if timed_out {
+            Reason::UpstreamTimeout
+        } else {
+            Reason::UpstreamConnectError
+        };
+        Reject::new(
+            reason,
+            format!(
+                "could not connect to upstream {}: {}",
+                ep.url,
+                e.etype().as_str()
+            ),
+        )
+    })?;
     report.reused_connection = reused;
 
     let mut header = req.header;
@@ -579,7 +615,7 @@ async fn end_with_event(session: &mut Session, is_sse: bool, why: &str, code: &s
 
 /// Give a finished upstream session back to the pool, or close it.
 pub async fn release(
-    connector: &Connector,
+    connector: &Connectors,
     backend: &BackendRuntime,
     endpoint: usize,
     up: HttpSession,
@@ -589,8 +625,7 @@ pub async fn release(
         return;
     };
     if reusable {
-        // Boxed for the same reason as the connect future.
-        Box::pin(connector.release_http_session(up, peer, Some(POOL_IDLE))).await;
+        connector.release(up, peer).await;
     } else {
         let mut up = up;
         up.shutdown().await;
