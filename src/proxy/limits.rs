@@ -76,23 +76,7 @@ impl UsageTracker {
             );
         }
         if !self.json.is_empty() {
-            // Only `usage` is built; every other field is skipped unparsed.
-            #[derive(serde::Deserialize)]
-            struct Body {
-                usage: Option<RawUsage>,
-            }
-            #[derive(serde::Deserialize)]
-            struct RawUsage {
-                #[serde(default)]
-                prompt_tokens: u64,
-                #[serde(default)]
-                completion_tokens: u64,
-                #[serde(default)]
-                input_tokens: u64,
-                #[serde(default)]
-                output_tokens: u64,
-            }
-            if let Ok(Body { usage: Some(u) }) = serde_json::from_slice::<Body>(&self.json) {
+            if let Some(u) = usage_of(&self.json) {
                 return (
                     Usage {
                         input_tokens: u.prompt_tokens.max(u.input_tokens),
@@ -111,6 +95,55 @@ impl UsageTracker {
             true,
         )
     }
+}
+
+#[derive(serde::Deserialize)]
+struct RawUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+}
+
+/// The `usage` object of a JSON response body.
+///
+/// Fast path: providers put `usage` at the end of the body, so look for the
+/// last `"usage":` key from the end and read only the object after it (a
+/// `"` inside a JSON string is always escaped, so the unescaped bytes
+/// `"usage"` followed by `:` can only be a key). When that finds nothing,
+/// the whole body is parsed, skipping every other field unbuilt.
+fn usage_of(json: &[u8]) -> Option<RawUsage> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = json.len();
+    while end >= KEY.len() {
+        // The previous `"` from `end`, scanning backwards.
+        let Some(i) = json[..end].iter().rposition(|&b| b == b'"') else {
+            break;
+        };
+        if i + 1 >= KEY.len() && &json[i + 1 - KEY.len()..=i] == KEY {
+            let after = json[i + 1..].trim_ascii_start();
+            if let Some(value) = after.strip_prefix(b":").map(<[u8]>::trim_ascii_start) {
+                if value.starts_with(b"{") {
+                    use serde::Deserialize;
+                    let mut de = serde_json::Deserializer::from_slice(value);
+                    if let Ok(u) = RawUsage::deserialize(&mut de) {
+                        return Some(u);
+                    }
+                }
+                break;
+            }
+        }
+        end = i;
+    }
+    #[derive(serde::Deserialize)]
+    struct Body {
+        usage: Option<RawUsage>,
+    }
+    serde_json::from_slice::<Body>(json).ok()?.usage
 }
 
 impl Default for UsageTracker {
@@ -295,5 +328,58 @@ impl FloodwallProxy {
         }
         ctx.usage_estimated = estimated;
         ctx.usage_tokens = usage.input_tokens + usage.output_tokens;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(body: &str) -> (Usage, bool) {
+        let mut t = UsageTracker::new();
+        t.feed(false, &Bytes::from(body.to_string()));
+        t.usage(7)
+    }
+
+    #[test]
+    fn usage_is_read_from_a_json_body() {
+        let openai = r#"{"id":"c1","choices":[{"message":{"role":"assistant","content":"say \"usage\": {\"prompt_tokens\": 99}"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17},"system_fingerprint":"fp"}"#;
+        assert_eq!(
+            tokens(openai),
+            (
+                Usage {
+                    input_tokens: 12,
+                    output_tokens: 5
+                },
+                false
+            )
+        );
+        let anthropic = r#"{"type":"message","content":[{"type":"text","text":"hi"}],"usage" : {"input_tokens":3,"output_tokens":4}}"#;
+        assert_eq!(
+            tokens(anthropic),
+            (
+                Usage {
+                    input_tokens: 3,
+                    output_tokens: 4
+                },
+                false
+            )
+        );
+        // `"usage"` as a value, then the real key earlier in the body.
+        let value_last = r#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"kind":"usage"}"#;
+        assert_eq!(
+            tokens(value_last),
+            (
+                Usage {
+                    input_tokens: 1,
+                    output_tokens: 2
+                },
+                false
+            )
+        );
+        // No usage, or a null one: estimated.
+        assert!(tokens(r#"{"choices":[]}"#).1);
+        assert!(tokens(r#"{"usage":null}"#).1);
+        assert!(tokens("not json").1);
     }
 }
