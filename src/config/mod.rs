@@ -248,7 +248,8 @@ pub fn check_files(paths: &[PathBuf]) -> bool {
 }
 
 /// The settings that differ between `old` and `new` and only take effect
-/// after a restart (listeners, worker threads, shutdown grace period), by
+/// after a restart (listeners, worker threads, shutdown grace period, the
+/// Redis store and the cache's tier sizes), by
 /// their policy path, for the reload log.
 pub fn restart_required(old: &Snapshot, new: &Snapshot) -> Vec<String> {
     let mut changed = Vec::new();
@@ -264,6 +265,19 @@ pub fn restart_required(old: &Snapshot, new: &Snapshot) -> Vec<String> {
     // Handed to Pingora's server configuration once, at start-up.
     if old.server.grace_period != new.server.grace_period {
         changed.push("server.grace_period".to_string());
+    }
+    // The Redis client and the cache's tiers are built once, at start-up.
+    let redis = |s: &Snapshot| {
+        s.store.as_ref().map(|st| {
+            let r = &st.redis;
+            (r.url.clone(), r.key_prefix.clone(), r.timeout, r.expected_replicas)
+        })
+    };
+    if redis(old) != redis(new) {
+        changed.push("store.redis".to_string());
+    }
+    if old.cache_store != new.cache_store {
+        changed.push("store.cache".to_string());
     }
     changed
 }

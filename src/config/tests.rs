@@ -627,7 +627,7 @@ fn restart_required_names_the_static_settings() {
     assert!(restart_required(&old, &same).is_empty());
     let new = compile(&MINIMAL.replace(
         "backends:",
-        "server:\n  listen: [\"0.0.0.0:8081\"]\n  admin: { listen: \"127.0.0.1:9191\" }\n  threads: 2\n  grace_period: 1s\nbackends:",
+        "server:\n  listen: [\"0.0.0.0:8081\"]\n  admin: { listen: \"127.0.0.1:9191\" }\n  threads: 2\n  grace_period: 1s\nstore:\n  redis: { url: \"redis://127.0.0.1:6390/0\" }\n  cache: { max_memory: 8MiB }\nbackends:",
     ))
     .unwrap();
     assert_eq!(
@@ -636,7 +636,9 @@ fn restart_required_names_the_static_settings() {
             "server.listen",
             "server.admin.listen",
             "server.threads",
-            "server.grace_period"
+            "server.grace_period",
+            "store.redis",
+            "store.cache"
         ]
     );
 }
