@@ -270,7 +270,12 @@ pub fn restart_required(old: &Snapshot, new: &Snapshot) -> Vec<String> {
     let redis = |s: &Snapshot| {
         s.store.as_ref().map(|st| {
             let r = &st.redis;
-            (r.url.clone(), r.key_prefix.clone(), r.timeout, r.expected_replicas)
+            (
+                r.url.clone(),
+                r.key_prefix.clone(),
+                r.timeout,
+                r.expected_replicas,
+            )
         })
     };
     if redis(old) != redis(new) {

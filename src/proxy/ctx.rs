@@ -48,7 +48,7 @@ pub struct Ctx {
     /// Tokens and cost reserved at admission, reconciled when the response ends.
     pub reservation: Option<crate::policy::ratelimit::Reservation>,
     /// `X-RateLimit-*` and IETF `RateLimit*` headers for every response of a limited route.
-    pub rate_headers: Vec<(&'static str, String)>,
+    pub rate_headers: Vec<(&'static str, http::HeaderValue)>,
     /// Usage read from the response (JSON `usage` or the SSE stream).
     pub usage: Option<Box<super::limits::UsageTracker>>,
     /// Tokens charged when the request ended, and whether they were estimated.

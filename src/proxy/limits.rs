@@ -192,7 +192,7 @@ impl FloodwallProxy {
         let store_timer = std::time::Instant::now();
         // The request header is only read while the limiter decides.
         let req = session.req_header();
-        let decision = self
+        let mut decision = self
             .shared
             .limiter
             .check(
@@ -237,8 +237,8 @@ impl FloodwallProxy {
                 info!(target: "audit", request_id = %ctx.request_id, rule = %o.rule.name, key = %o.key, reason = reason.code(), "limit hit");
             }
         }
-        if let Some(h) = &decision.headers {
-            ctx.rate_headers = h.pairs().to_vec();
+        if let Some(h) = decision.headers.take() {
+            ctx.rate_headers = h.into_values();
         }
         ctx.identity = Some(Box::new(ident));
         if !decision.allowed {

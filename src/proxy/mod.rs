@@ -77,7 +77,11 @@ impl FloodwallProxy {
         }
         self.shared.metrics.local_response(r.reason.code());
         let mut extra = ctx.cors.clone();
-        extra.extend(ctx.rate_headers.iter().cloned());
+        extra.extend(
+            ctx.rate_headers
+                .iter()
+                .map(|(k, v)| (*k, v.to_str().unwrap_or_default().to_string())),
+        );
         extra.push(("x-request-id", ctx.request_id.clone()));
         reject::send(session, &r, &extra, body_read).await?;
         ctx.response_started = true;
@@ -230,7 +234,7 @@ impl FloodwallProxy {
         }
         headers::add_cors(resp, &ctx.cors)?;
         for (k, v) in &ctx.rate_headers {
-            resp.insert_header(*k, v.as_str())?;
+            resp.insert_header(*k, v.clone())?;
         }
         Ok(())
     }

@@ -187,6 +187,38 @@ impl RateHeaders {
             ("ratelimit", self.ratelimit.clone()),
         ]
     }
+
+    /// The same, as header values (the strings are moved, not copied).
+    pub fn into_values(self) -> Vec<(&'static str, http::HeaderValue)> {
+        let value = |s: String| http::HeaderValue::from_maybe_shared(bytes::Bytes::from(s)).ok();
+        [
+            ("x-ratelimit-limit", value(self.limit.to_string())),
+            ("x-ratelimit-remaining", value(self.remaining.to_string())),
+            ("x-ratelimit-reset", value(self.reset_secs.to_string())),
+            ("ratelimit-policy", value(self.policy)),
+            ("ratelimit", value(self.ratelimit)),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect()
+    }
+}
+
+/// Append `n` in decimal (the headers are built per request; `write!` is
+/// several times slower).
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // ASCII digits only: always valid UTF-8.
+    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or_default());
 }
 
 /// The answer to [`Limiter::check`].
@@ -943,7 +975,6 @@ enum Slot {
 /// remaining (ties: the longer reset), or for a refusal the window that
 /// refused it; `RateLimit-Policy` lists every such window.
 fn headers(plans: &[Plan], slots: &[Slot], refused_by: Option<usize>) -> Option<RateHeaders> {
-    use std::fmt::Write;
     struct Item<'a> {
         rule: &'a str,
         window: &'a Window,
@@ -975,10 +1006,16 @@ fn headers(plans: &[Plan], slots: &[Slot], refused_by: Option<usize>) -> Option<
         ]
         .into_iter()
         .find(|(scale, _)| ms % scale == 0);
-        let _ = match unit {
-            Some((scale, unit)) => write!(out, "{}{unit}", ms / scale),
-            None => write!(out, "{ms}ms"),
-        };
+        match unit {
+            Some((scale, unit)) => {
+                push_u64(out, (ms / scale) as u64);
+                out.push_str(unit);
+            }
+            None => {
+                push_u64(out, ms as u64);
+                out.push_str("ms");
+            }
+        }
     }
     let mut items: Vec<Item<'_>> = Vec::new();
     for (i, (plan, slot)) in plans.iter().zip(slots).enumerate() {
@@ -1032,7 +1069,10 @@ fn headers(plans: &[Plan], slots: &[Slot], refused_by: Option<usize>) -> Option<
             Window::Requests { per, .. } | Window::Tokens { per, .. } => per.as_secs(),
             Window::Cost { .. } => 0,
         };
-        let _ = write!(policy, "\";q={};w={per}", it.limit);
+        policy.push_str("\";q=");
+        push_u64(&mut policy, it.limit);
+        policy.push_str(";w=");
+        push_u64(&mut policy, per);
         if matches!(it.window, Window::Tokens { .. }) {
             policy.push_str(";qu=\"tokens\"");
         }
@@ -1042,7 +1082,10 @@ fn headers(plans: &[Plan], slots: &[Slot], refused_by: Option<usize>) -> Option<
     let mut ratelimit = String::with_capacity(48);
     ratelimit.push('"');
     name(&mut ratelimit, it);
-    let _ = write!(ratelimit, "\";r={};t={reset_secs}", it.eval.remaining);
+    ratelimit.push_str("\";r=");
+    push_u64(&mut ratelimit, it.eval.remaining);
+    ratelimit.push_str(";t=");
+    push_u64(&mut ratelimit, reset_secs);
     Some(RateHeaders {
         limit: it.limit,
         remaining: it.eval.remaining,
