@@ -17,6 +17,9 @@
 --                              content, so each is a true miss;
 --   CACHE_BENCH_TAG   for `unique`: a tag that differs from one wrk run to
 --                     the next, so no run repeats an earlier run's bodies.
+--   CACHE_BENCH_PACE_MS  when set and > 0: wait this long after each answer
+--                     before sending the next request (wrk's `delay()`; the
+--                     wait is not part of the measured latency).
 
 local mode = os.getenv("CACHE_BENCH_MODE") or "same"
 local path = os.getenv("CACHE_BENCH_BODY") or "benches/cache-body.json"
@@ -54,6 +57,13 @@ elseif mode == "unique" then
   end
 elseif mode ~= "same" then
   error("CACHE_BENCH_MODE must be same, plain, no-store or unique, not " .. mode)
+end
+
+local pace = tonumber(os.getenv("CACHE_BENCH_PACE_MS") or "0") or 0
+if pace > 0 then
+  function delay()
+    return pace
+  end
 end
 
 done = function(summary, latency, requests)
