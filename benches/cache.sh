@@ -3,7 +3,7 @@
 # miss and a plain proxied request, measured side by side in one run, with
 # the mock backend at 1 ms latency. See BENCHMARKS.md ("Cache").
 #
-#   benches/cache.sh            full: 5 runs x 5 s per figure (~8 min)
+#   benches/cache.sh            full: 5 runs x 5 s per figure (~9 min)
 #   benches/cache.sh --quick    smoke test: 1 run x 2 s per figure (~1 min)
 #
 # Options: --runs N, --duration SECONDS, --latency MS (mock latency, default
