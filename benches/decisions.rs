@@ -10,7 +10,13 @@
 //!   through the same client and a raw `PING` on a blocking socket;
 //! - the circuit breaker's `try_acquire` + `record` (closed), the retry
 //!   `delay()` arithmetic, the retry budget's per-request `deposit`, and SSE
-//!   scanning per chunk.
+//!   scanning per chunk;
+//! - the response cache: the key of a ~1.2 KB chat body (canonical JSON +
+//!   SHA-256; benches/cache-body.json, the body benches/cache.sh sends), a
+//!   memory-tier hit and insert on a tier of 10,000 entries, a miss's flight
+//!   (join as leader, publish, complete), an entry's encoding for Redis and
+//!   its decoding, and a cache hit through Redis (`CacheStore::get`, GET +
+//!   decode) next to a `PING` through the same client.
 //!
 //! Every figure is the median [min-max] of 5 rounds (the rounds are
 //! interleaved across the items, so drift on a shared machine is spread).
@@ -39,11 +45,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use floodwall::config::limits::Prices;
 use floodwall::config::{compile_str, RedisConfig, Snapshot};
 use floodwall::policy::breaker::{Admission, Breaker, BreakerConfig, CallOutcome};
+use floodwall::policy::cache::flight::Head;
+use floodwall::policy::cache::key::{canonical_json, Body};
+use floodwall::policy::cache::lru::Lookup;
+use floodwall::policy::cache::{
+    CacheKey, CacheStoreConfig, Chunk, Entry, Flights, Join, KeyParts, MemoryTier, StoreKind,
+};
 use floodwall::policy::identity::Identity;
 use floodwall::policy::ratelimit::{LimitRequest, Limiter, Usage};
 use floodwall::policy::retry::{BudgetConfig, Delay, Failure, RetryBudget, RetryPolicy};
 use floodwall::proxy::sse::SseScanner;
 use floodwall::request::LlmFields;
+use floodwall::store::cache::CacheStore;
 use floodwall::store::RedisStore;
 
 // --- options ----------------------------------------------------------------
@@ -680,6 +693,62 @@ fn sse_events() -> Vec<Vec<u8>> {
     ev
 }
 
+// --- cache fixtures -----------------------------------------------------------
+
+/// The chat request of the cache load benchmark (benches/cache.sh): a system
+/// prompt with two documentation excerpts, two user turns, one assistant turn.
+const CHAT_BODY: &str = include_str!("cache-body.json");
+
+/// Entries in the populated memory tier.
+const TIER_ENTRIES: usize = 10_000;
+
+fn chat_doc() -> serde_json::Value {
+    serde_json::from_str(CHAT_BODY.trim()).expect("benches/cache-body.json is JSON")
+}
+
+/// The key of a chat request as a `scope: user` route computes it: an
+/// `Authorization` header (hashed into the key) and a user id.
+fn chat_key(body: Body<'_>) -> CacheKey {
+    CacheKey::compute(&KeyParts {
+        route: "chat",
+        method: "POST",
+        path_and_query: "/v1/chat/completions",
+        headers: Vec::new(),
+        authorization: Some(b"Bearer sk-bench-00000000000000000000000000000000"),
+        identity: Some(Some("bench-user-1")),
+        body,
+        ignore_fields: &[],
+    })
+}
+
+/// A stored non-streaming chat answer of about the mock's size.
+fn chat_entry(now_ms: u64) -> Entry {
+    let body: &'static [u8] = br#"{"id":"chatcmpl-bench0001","object":"chat.completion","created":1700000000,"model":"mock-model","system_fingerprint":"fp_mock","choices":[{"index":0,"message":{"role":"assistant","content":"Stopping and starting an instance within the same hour is billed as one hour."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":262,"completion_tokens":17,"total_tokens":279}}"#;
+    Entry {
+        status: 200,
+        headers: vec![
+            ("content-type".into(), b"application/json".to_vec()),
+            ("x-mock-server".into(), b"floodwall-mock".to_vec()),
+        ],
+        chunks: vec![Chunk {
+            at_ms: 0,
+            data: bytes::Bytes::from_static(body),
+        }],
+        sse: false,
+        stored_at_ms: now_ms,
+        ttl_ms: 3_600_000,
+        keep_ms: 3_600_000,
+    }
+}
+
+/// xorshift64: a cheap spread of indices over the tier.
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
 // --- main -------------------------------------------------------------------
 
 fn loadavg() -> String {
@@ -766,6 +835,37 @@ fn main() {
             }
         });
     }
+
+    // The response cache's memory tier, populated with TIER_ENTRIES chat
+    // answers under realistic keys; and a Redis-backed cache store (sharing
+    // the limiter's client, as the proxy does) holding the chat answer.
+    let doc = chat_doc();
+    let tier_keys: Vec<String> = (0..TIER_ENTRIES as u64)
+        .map(|i| chat_key(Body::Raw(&i.to_le_bytes())).as_string())
+        .collect();
+    let tier = MemoryTier::new(1 << 30);
+    let stored = Arc::new(chat_entry(unix_ms()));
+    for k in &tier_keys {
+        let _ = tier.insert(k.clone(), stored.clone());
+    }
+    let redis_cache = redis_limiter.as_ref().map(|l| {
+        let cs = CacheStore::new(
+            &CacheStoreConfig::default(),
+            Some(l.redis().unwrap().clone()),
+        );
+        let key = Arc::new(chat_key(Body::Json(&doc)));
+        rt.block_on(async {
+            let (_, err) = cs
+                .put(StoreKind::Redis, &key, stored.clone(), unix_ms())
+                .await;
+            assert!(err.is_none(), "storing the cache entry in Redis: {err:?}");
+            for _ in 0..200 {
+                let (found, err) = cs.get(StoreKind::Redis, &key, unix_ms()).await;
+                assert!(matches!(found, Lookup::Fresh(_)) && err.is_none());
+            }
+        });
+        (cs, key)
+    });
 
     for round in 1..=o.rounds {
         eprintln!(
@@ -979,6 +1079,175 @@ fn main() {
         }
         items[i].rounds.push(f);
 
+        // Response cache: the key.
+        let body_len = CHAT_BODY.trim().len();
+        let i = new_item(
+            &mut items,
+            "cache",
+            &format!("for scale: serde_json parse of the {body_len} B chat body (the proxy parses it anyway)"),
+        );
+        items[i].rounds.push(cpu_item(1, pass, |_| {
+            move |_| {
+                let v: serde_json::Value =
+                    serde_json::from_str(black_box(CHAT_BODY.trim())).unwrap();
+                black_box(v);
+            }
+        }));
+        let i = new_item(
+            &mut items,
+            "cache",
+            "key: canonical JSON of that body (keys sorted, compact; canonical_json)",
+        );
+        items[i].rounds.push(cpu_item(1, pass, |_| {
+            let doc = &doc;
+            move |_| {
+                black_box(canonical_json(black_box(doc), &[]));
+            }
+        }));
+        let i = new_item(
+            &mut items,
+            "cache",
+            "key: CacheKey::compute (canonical JSON + SHA-256, Authorization hashed, scope user)",
+        );
+        items[i].rounds.push(cpu_item(1, pass, |_| {
+            let doc = &doc;
+            move |_| {
+                black_box(chat_key(Body::Json(black_box(doc))));
+            }
+        }));
+        let i = new_item(
+            &mut items,
+            "cache",
+            "key: compute + as_string() (the lookup's key)",
+        );
+        items[i].rounds.push(cpu_item(1, pass, |_| {
+            let doc = &doc;
+            move |_| {
+                black_box(chat_key(Body::Json(black_box(doc))).as_string());
+            }
+        }));
+
+        // Response cache: the memory tier.
+        let tier_get = |t: usize| {
+            let (tier, keys) = (&tier, &tier_keys);
+            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1);
+            let mut now = unix_ms();
+            move |n: u64| {
+                if n.is_multiple_of(64) {
+                    now = unix_ms();
+                }
+                let k = &keys[(xorshift(&mut x) % keys.len() as u64) as usize];
+                match tier.get(k, now) {
+                    Lookup::Fresh(e) => {
+                        black_box(e);
+                    }
+                    _ => panic!("a memory-tier lookup missed"),
+                }
+            }
+        };
+        let i = new_item(
+            &mut items,
+            "cache",
+            "memory tier: MemoryTier::get, a hit among 10,000 entries (random keys), 1 thread",
+        );
+        items[i].rounds.push(cpu_item(1, pass, tier_get));
+        let i = new_item(
+            &mut items,
+            "cache",
+            "memory tier: the same, 2 threads sharing the tier",
+        );
+        items[i].rounds.push(cpu_item(2, pass, tier_get));
+        let i = new_item(
+            &mut items,
+            "cache",
+            "memory tier: MemoryTier::insert of a new key into a full tier of 10,000 (one eviction)",
+        );
+        if !skipped() {
+            let slot = stored.size() + tier_keys[0].len();
+            let full = MemoryTier::new((slot * TIER_ENTRIES) as u64);
+            for k in &tier_keys {
+                let _ = full.insert(k.clone(), stored.clone());
+            }
+            // Every pass inserts keys never seen before (of the same length
+            // as the ones in the tier, so each insert evicts exactly one).
+            let next = std::sync::atomic::AtomicU64::new(0);
+            items[i].rounds.push(cpu_item(1, pass, |_| {
+                let (full, stored) = (&full, &stored);
+                let base = next.fetch_add(1 << 40, Ordering::Relaxed);
+                move |n| {
+                    let k = format!("chat:{:016x}:{:064x}", 0, base + n);
+                    black_box(full.insert(k, stored.clone()));
+                }
+            }));
+        }
+
+        // Response cache: a miss's flight, and the Redis encoding.
+        let flights = Flights::new();
+        let head = Head {
+            status: 200,
+            headers: stored.headers.clone(),
+            sse: false,
+        };
+        let i = new_item(
+            &mut items,
+            "cache",
+            "flight: join as leader + complete + drop (no identical request in flight)",
+        );
+        items[i].rounds.push(cpu_item(1, pass, |_| {
+            let (flights, keys) = (&flights, &tier_keys);
+            move |n| {
+                let Join::Leader(mut l) = flights.join(&keys[n as usize % keys.len()]) else {
+                    panic!("followed a flight nobody leads");
+                };
+                l.complete();
+                drop(l);
+            }
+        }));
+        let i = new_item(
+            &mut items,
+            "cache",
+            "flight: a miss's whole flight (join, publish the header, push the body, complete, drop)",
+        );
+        items[i].rounds.push(cpu_item(1, pass, |_| {
+            let (flights, keys, head) = (&flights, &tier_keys, &head);
+            let chunk = stored.chunks[0].data.clone();
+            move |n| {
+                let Join::Leader(mut l) = flights.join(&keys[n as usize % keys.len()]) else {
+                    panic!("followed a flight nobody leads");
+                };
+                l.publish_head(head.clone());
+                l.push(chunk.clone());
+                l.complete();
+                drop(l);
+            }
+        }));
+        let encoded = stored.encode(None);
+        let i = new_item(
+            &mut items,
+            "cache",
+            &format!(
+                "entry: Entry::encode of the stored chat answer ({} B; a Redis store)",
+                encoded.len()
+            ),
+        );
+        items[i].rounds.push(cpu_item(1, pass, |_| {
+            let stored = &stored;
+            move |_| {
+                black_box(stored.encode(None));
+            }
+        }));
+        let i = new_item(
+            &mut items,
+            "cache",
+            "entry: Entry::decode of it (a Redis hit)",
+        );
+        items[i].rounds.push(cpu_item(1, pass, |_| {
+            let encoded = &encoded;
+            move |_| {
+                black_box(Entry::decode(black_box(encoded)).unwrap());
+            }
+        }));
+
         // Redis.
         if let (Some(server), Some(limiter)) = (&redis, &redis_limiter) {
             let port = server.port;
@@ -1053,9 +1322,27 @@ fn main() {
                     }));
                     items[i].rounds.push(f);
                 }
+
+                if let Some((cs, key)) = &redis_cache {
+                    let i = new_item(
+                        &mut items,
+                        "redis",
+                        &format!("cache hit through Redis: CacheStore::get, store: redis (GET + decode), {label}"),
+                    );
+                    let (cs, key) = (cs.clone(), key.clone());
+                    let f = rt.block_on(redis_item(tasks, rpass, spid, port, move |_| {
+                        let (cs, key) = (cs.clone(), key.clone());
+                        async move {
+                            let (found, err) = cs.get(StoreKind::Redis, &key, unix_ms()).await;
+                            matches!(found, Lookup::Fresh(_)) && err.is_none()
+                        }
+                    }));
+                    items[i].rounds.push(f);
+                }
             }
         }
     }
+    drop(redis_cache);
     drop(redis_limiter);
     let redis_version = redis.as_ref().map(|_| RedisServer::version());
     drop(redis); // kills redis-server
@@ -1095,7 +1382,7 @@ fn main() {
          it is included in the p50/p99 columns, not in the throughput and mean columns.\n\n",
         timer.map(fmt_num).unwrap_or_else(|| "?".into())
     );
-    let sections: [(&str, &str); 3] = [
+    let sections: [(&str, &str); 4] = [
         (
             "memory",
             "## Rate-limit decisions in memory (`Limiter::check`)",
@@ -1105,6 +1392,10 @@ fn main() {
             "## Retry and circuit breaker (pure arithmetic)",
         ),
         ("sse", "## SSE scanning (`SseScanner::feed`)"),
+        (
+            "cache",
+            "## Response cache (key, memory tier, flights, entry encoding)",
+        ),
     ];
     for (group, title) in sections {
         out += &format!("{title}\n\n| what | ops/s | mean ns/op (per thread) | p50 ns (timed) | p99 ns (timed) |\n|---|---|---|---|---|\n");
@@ -1172,18 +1463,19 @@ fn main() {
                 caller is one round trip per operation, whatever the number of commands in it; \
                 under concurrency, batches from several tasks share reads and writes.\n\n";
         // Paired by round: the decision against PING through the same client.
-        out += "Decision latency against one PING round trip, paired round by round \
-                (decision ÷ PING through the same client, same concurrency):\n\n\
-                | decision | p50 ÷ PING p50 | p99 ÷ PING p99 | p50 minus PING p50 (µs) |\n|---|---|---|---|\n";
+        out += "Decisions and cache hits against one PING round trip, paired round by round \
+                (operation ÷ PING through the same client, same concurrency):\n\n\
+                | operation | p50 ÷ PING p50 | p99 ÷ PING p99 | p50 minus PING p50 (µs) |\n|---|---|---|---|\n";
         for label in ["sequential", "64 concurrent tasks"] {
             let ping = items.iter().find(|i| {
                 i.name == format!("PING through the store's client (RedisStore::ping), {label}")
             });
             let Some(ping) = ping else { continue };
-            for it in items
-                .iter()
-                .filter(|i| i.name.starts_with("decision through Redis") && i.name.ends_with(label))
-            {
+            for it in items.iter().filter(|i| {
+                (i.name.starts_with("decision through Redis")
+                    || i.name.starts_with("cache hit through Redis"))
+                    && i.name.ends_with(label)
+            }) {
                 let paired = |k: &str, diff: bool| -> String {
                     let v: Vec<f64> = it
                         .rounds
@@ -1214,7 +1506,9 @@ fn main() {
                 };
                 out += &format!(
                     "| {} | {} | {} | {} |\n",
-                    it.name.trim_start_matches("decision through Redis: "),
+                    it.name
+                        .trim_start_matches("decision through Redis: ")
+                        .trim_start_matches("cache hit through Redis: "),
                     paired("p50_ns", false),
                     paired("p99_ns", false),
                     paired("p50_ns", true),
