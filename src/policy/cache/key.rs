@@ -187,10 +187,9 @@ fn write_value(out: &mut Vec<u8>, v: &serde_json::Value, ignore: &[&[String]]) {
 }
 
 fn write_string(out: &mut Vec<u8>, s: &str) {
-    // serde_json's escaping, so equal strings always encode equally.
-    if let Ok(enc) = serde_json::to_vec(s) {
-        out.extend_from_slice(&enc);
-    }
+    // serde_json's escaping, so equal strings always encode equally; written
+    // straight into the output (writing to a Vec cannot fail).
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 fn hex(bytes: &[u8]) -> String {
