@@ -128,7 +128,7 @@ impl FloodwallProxy {
         if mode == RequestMode::Normal {
             let (found, err) = store.get(policy.store, &key, now_ms()).await;
             if let Some(e) = err {
-                CacheMetrics::inc(&m.errors, &["redis", "get"]);
+                CacheMetrics::inc(&m.errors, &[&route.name, "redis", "get"]);
                 tracing::debug!(request_id = %ctx.request_id, error = %e, "cache lookup failed; treated as a miss");
             }
             match found {
@@ -577,7 +577,7 @@ impl FloodwallProxy {
             CacheMetrics::inc(&m.evictions, &[route]);
         }
         if let Some(e) = err {
-            CacheMetrics::inc(&m.errors, &["redis", "put"]);
+            CacheMetrics::inc(&m.errors, &[&key.route, "redis", "put"]);
             tracing::debug!(error = %e, route = %key.route, "could not store a cache entry in Redis");
         }
     }

@@ -12,7 +12,7 @@ pub struct CacheMetrics {
     pub collapsed: IntCounterVec,
     /// Memory-tier entries evicted to make room, by route.
     pub evictions: IntCounterVec,
-    /// Cache-store failures (each one a miss or a skipped write), by tier and operation.
+    /// Cache-store failures (each one a miss or a skipped write), by route, tier and operation.
     pub errors: IntCounterVec,
     /// Memory-tier entries and bytes, by route (refreshed at scrape time).
     pub entries: IntGaugeVec,
@@ -53,9 +53,9 @@ impl CacheMetrics {
             errors: IntCounterVec::new(
                 Opts::new(
                     "floodwall_cache_errors_total",
-                    "Cache store failures (treated as misses), by tier and operation",
+                    "Cache store failures (treated as misses), by route, tier and operation",
                 ),
-                &["tier", "op"],
+                &["route", "tier", "op"],
             )?,
             entries: IntGaugeVec::new(
                 Opts::new(

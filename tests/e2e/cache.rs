@@ -488,7 +488,7 @@ async fn redis_tier_is_shared_fails_open_and_comes_back_after_a_restart() {
     assert!(
         metric(
             &m,
-            "floodwall_cache_errors_total{op=\"get\",tier=\"redis\"}"
+            "floodwall_cache_errors_total{op=\"get\",route=\"chat\",tier=\"redis\"}"
         )
         .unwrap_or(0.0)
             >= 3.0,
@@ -618,5 +618,103 @@ async fn a_hit_costs_no_tokens_unless_the_route_charges_hits() {
     assert!(
         hit.abs_diff(2 * miss) <= 1,
         "charge_hits: the hit pays its recorded usage: {miss} then {hit}"
+    );
+}
+
+async fn burst(
+    fw: &Floodwall,
+    n: usize,
+    body: &serde_json::Value,
+    fault: &'static str,
+) -> Vec<Resp> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (addr, b) = (fw.addr, body.to_string());
+        tasks.push(tokio::spawn(async move {
+            // The first request leads; the others arrive while it waits.
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Client::new()
+                .send(
+                    addr,
+                    "POST",
+                    CHAT,
+                    &[
+                        ("content-type", "application/json"),
+                        ("x-mock-fault", fault),
+                    ],
+                    b.as_bytes(),
+                )
+                .await
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_leader_fails_one_follower_takes_over_or_each_goes_alone() {
+    // takeover (the default): the leader's 503 is its own; one follower
+    // becomes the leader, the rest follow it.
+    let mock = start_mock().await;
+    let fw = Floodwall::start(&policy(
+        &mock_url(&mock),
+        &cached("{ ttl: 1m, scope: shared }"),
+    ))
+    .await;
+    let body = chat_body("leader fails", false);
+    let rs = burst(&fw, 6, &body, "scenario=t;fail=1:503;latency=400ms").await;
+    assert_eq!(rs[0].status, 503, "{}", rs[0].text());
+    for r in &rs[1..] {
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(
+        mock.stats().attempts("t").len(),
+        2,
+        "the failed leader, then one taker"
+    );
+
+    // each: every follower goes upstream on its own.
+    let mock = start_mock().await;
+    let fw = Floodwall::start(&policy(
+        &mock_url(&mock),
+        &cached("{ ttl: 1m, scope: shared, on_leader_failure: each }"),
+    ))
+    .await;
+    let rs = burst(&fw, 6, &body, "scenario=e;fail=1:503;latency=400ms").await;
+    assert_eq!(rs[0].status, 503);
+    assert!(rs[1..].iter().all(|r| r.status == 200));
+    assert_eq!(
+        mock.stats().attempts("e").len(),
+        6,
+        "the leader and five on their own"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_replay_keeps_the_recorded_gaps() {
+    let mock = start_mock().await;
+    let fw = Floodwall::start(&policy(
+        &mock_url(&mock),
+        &cached("{ ttl: 1m, scope: shared, replay: paced }"),
+    ))
+    .await;
+    let body = chat_body("paced", true);
+    let fault = [("x-mock-fault", "chunks=4;chunk_delay=200ms")];
+    let first = post(&fw, &body, &fault).await;
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    let replay = post(&fw, &body, &fault).await;
+    assert_eq!(replay.header("x-cache"), Some("HIT"));
+    assert_eq!(replay.sse_data(), first.sse_data());
+    // Four content chunks 200 ms apart were recorded: the replay spreads
+    // its events over (about) the same time instead of sending them at once.
+    let spread = replay.chunks.last().unwrap().0 - replay.chunks.first().unwrap().0;
+    assert!(
+        spread >= Duration::from_millis(500),
+        "replayed over {spread:?}"
     );
 }
