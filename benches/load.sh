@@ -11,7 +11,9 @@
 #
 # What it does, for each mock latency (0 ms, then 20 ms):
 #   1. starts `floodwall mock` (the bundled mock LLM backend), the bare Pingora
-#      proxy (examples/bare_proxy, built from benches/bare_proxy.rs) and four
+#      proxy (examples/bare_proxy, built from benches/bare_proxy.rs), nginx as a
+#      plain reverse proxy with limit_req and proxy_next_upstream (see
+#      start_nginx below; one worker process) and four
 #      floodwalls: the minimal policy (one route, one backend, no policies)
 #      with its default logging (one access-log line per request, to a file)
 #      and with the access log off; `floodwall+3rules` (the same route with
@@ -129,7 +131,18 @@ if ! command -v wrk >/dev/null 2>&1; then
     die "wrk is missing: install it (Debian/Ubuntu: sudo apt-get install wrk), then rerun"
   fi
 fi
-for tool in timeout awk curl; do
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+if [ ! -x "$NGINX" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "nginx is missing: apt-get install -y nginx-light"
+    apt-get install -y nginx-light >&2 || { apt-get update >&2 && apt-get install -y nginx-light >&2; } \
+      || die "could not install nginx"
+    NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+  else
+    die "nginx is missing: install it (Debian/Ubuntu: sudo apt-get install nginx-light), then rerun"
+  fi
+fi
+for tool in timeout awk curl python3; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is missing"
 done
 [ -r /proc/self/stat ] || die "/proc is needed (Linux only)"
@@ -328,7 +341,66 @@ ready_addr() { sed -n 's/.*"listen":\["\([^"]*\)".*/\1/p' "$1"; }
 # show what the access log costs, then floodwall+3rules and
 # floodwall+resilience (default logging), to show what those policies cost
 # over the minimal floodwall.
-TARGETS=(direct bare floodwall floodwall_noaccess floodwall_3rules floodwall_resilience)
+TARGETS=(direct bare nginx floodwall floodwall_noaccess floodwall_3rules floodwall_resilience)
+
+# start_nginx DIR MOCK_ADDR: nginx as a plain reverse proxy configured as
+# closely as it can express floodwall's policies: keep-alive upstream
+# connections, `limit_req` with a rate so high that every request is
+# admitted (evaluated, never refusing, like floodwall+3rules),
+# `proxy_next_upstream` on errors, timeouts and 502/503/504 (3 tries),
+# connect/read timeouts, no response buffering (streams go through as they
+# arrive), an access-log line per request to a file (buffered, as floodwall
+# batches its own). One process (master_process off, one worker): its CPU
+# per request is directly the process's; its throughput at c=64 is one
+# core's. Writes DIR/nginx.ready like the others and prints its PID.
+start_nginx() {
+  local dir=$1 mock_addr=$2 port pid
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  mkdir -p "$dir/nginx"
+  cat >"$dir/nginx/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+pid $dir/nginx/nginx.pid;
+error_log $dir/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log $dir/nginx/access.log combined buffer=64k flush=1s;
+  client_body_temp_path $dir/nginx/body;
+  proxy_temp_path $dir/nginx/proxy;
+  limit_req_zone \$binary_remote_addr zone=bench:10m rate=100000000r/s;
+  upstream mock {
+    server $mock_addr;
+    keepalive 64;
+  }
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      limit_req zone=bench burst=1000000 nodelay;
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_next_upstream error timeout http_502 http_503 http_504;
+      proxy_next_upstream_tries 3;
+      proxy_connect_timeout 2s;
+      proxy_read_timeout 30s;
+      proxy_buffering off;
+    }
+  }
+}
+EOF
+  "$NGINX" -p "$dir/nginx" -c "$dir/nginx/nginx.conf" -e "$dir/nginx/error.log" >"$dir/nginx.out" 2>&1 &
+  pid=$!
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      printf '{"listen":["127.0.0.1:%s"]}\n' "$port" >"$dir/nginx.ready"
+      break
+    fi
+    kill -0 "$pid" 2>/dev/null || die "nginx exited during start-up: $(cat "$dir/nginx/error.log" 2>/dev/null)"
+    sleep 0.1
+  done
+  echo "$pid"
+}
 
 bench_latency() {
   local lat=$1 dir=$WORK/lat$1 fault=() mock_pid mock_addr run k i n
@@ -347,10 +419,11 @@ bench_latency() {
   "$BARE" --listen 127.0.0.1:0 --upstream "$mock_addr" --threads 2 --ready-file "$dir/bare.ready" \
     >"$dir/bare.out" 2>"$dir/bare.log" &
   pids[1]=$!; PIDS+=("${pids[1]}")
-  pids[2]=$(start_floodwall "$dir" floodwall minimal "$mock_addr"); PIDS+=("${pids[2]}")
-  pids[3]=$(start_floodwall "$dir" floodwall_noaccess minimal "$mock_addr" RUST_LOG=info,access=off); PIDS+=("${pids[3]}")
-  pids[4]=$(start_floodwall "$dir" floodwall_3rules 3rules "$mock_addr"); PIDS+=("${pids[4]}")
-  pids[5]=$(start_floodwall "$dir" floodwall_resilience resilience "$mock_addr"); PIDS+=("${pids[5]}")
+  pids[2]=$(start_nginx "$dir" "$mock_addr"); PIDS+=("${pids[2]}")
+  pids[3]=$(start_floodwall "$dir" floodwall minimal "$mock_addr"); PIDS+=("${pids[3]}")
+  pids[4]=$(start_floodwall "$dir" floodwall_noaccess minimal "$mock_addr" RUST_LOG=info,access=off); PIDS+=("${pids[4]}")
+  pids[5]=$(start_floodwall "$dir" floodwall_3rules 3rules "$mock_addr"); PIDS+=("${pids[5]}")
+  pids[6]=$(start_floodwall "$dir" floodwall_resilience resilience "$mock_addr"); PIDS+=("${pids[6]}")
 
   for ((i = 1; i < n; i++)); do
     wait_file "$dir/${names[$i]}.ready" "${pids[$i]}" "${names[$i]}"
@@ -412,7 +485,9 @@ MD=$RESULTS_DIR/load-$STAMP.md
   echo "  from /proc/PID/task/*/schedstat (utime+stime from /proc/PID/stat is in the .tsv as a cross-check);"
   echo "  RSS = VmHWM of that process after the c=64 run (reset before each measurement, but the"
   echo "  allocators keep what they got, so in effect the peak so far)."
-  echo "- targets: direct = wrk to the mock; bare Pingora = benches/bare_proxy.rs; floodwall = minimal"
+  echo "- targets: direct = wrk to the mock; bare Pingora = benches/bare_proxy.rs; nginx = one nginx"
+  echo "  process as a reverse proxy with keep-alive upstreams, limit_req (admitting every request) and"
+  echo "  proxy_next_upstream (see start_nginx in benches/load.sh); floodwall = minimal"
   echo "  policy, default logging (one text access-log line per request, stderr to a file); floodwall,"
   echo "  access log off = the same with RUST_LOG=info,access=off; floodwall+3rules = the minimal policy"
   echo "  plus three in-memory rate-limit rules (per-user x3 windows, global, tokens) that admit every"
@@ -441,8 +516,9 @@ MD=$RESULTS_DIR/load-$STAMP.md
       if (run > maxrun) maxrun = run
     }
     END {
-      nt = split("direct bare floodwall floodwall_noaccess floodwall_3rules floodwall_resilience", T, " ")
+      nt = split("direct bare nginx floodwall floodwall_noaccess floodwall_3rules floodwall_resilience", T, " ")
       label["direct"] = "direct (mock)"; label["bare"] = "bare Pingora"; label["floodwall"] = "floodwall"
+      label["nginx"] = "nginx (limit_req, proxy_next_upstream)"
       label["floodwall_noaccess"] = "floodwall, access log off"
       label["floodwall_3rules"] = "floodwall+3rules"; label["floodwall_resilience"] = "floodwall+resilience"
       for (li = 1; li <= nl; li++) {
@@ -463,6 +539,9 @@ MD=$RESULTS_DIR/load-$STAMP.md
           if (t ~ /^floodwall/ && ((lat, run, "bare", 64, "ok") in r)) {
             add(lat SUBSEP t SUBSEP "ratio64", r[lat, run, t, 64, "cpu"] / r[lat, run, "bare", 64, "cpu"])
             add(lat SUBSEP t SUBSEP "ratio1", r[lat, run, t, 1, "cpu"] / r[lat, run, "bare", 1, "cpu"])
+          }
+          if (t ~ /^floodwall/ && ((lat, run, "nginx", 64, "ok") in r)) {
+            add(lat SUBSEP t SUBSEP "nginx64", r[lat, run, t, 64, "cpu"] / r[lat, run, "nginx", 64, "cpu"])
           }
           # The policy targets against the minimal floodwall (both with the access log on).
           if (t ~ /^floodwall_/ && t != "floodwall_noaccess" && ((lat, run, "floodwall", 64, "ok") in r)) {
@@ -488,16 +567,17 @@ MD=$RESULTS_DIR/load-$STAMP.md
       }
       print "## Ratios vs targets (floodwall vs bare Pingora, measured side by side)"
       print ""
-      print "| mock latency | target | CPU/req ÷ bare, c=64 (target ≤ 1.15×) | CPU/req ÷ bare, c=1 | added p99, c=1 (target < 300 µs) |"
-      print "|---|---|---|---|---|"
-      for (li = 1; li <= nl; li++) for (ti = 3; ti <= nt; ti++) {
+      print "| mock latency | target | CPU/req ÷ bare, c=64 (target ≤ 1.15×) | CPU/req ÷ bare, c=1 | CPU/req ÷ nginx, c=64 (with policies: target ≤ 2.5×) | added p99, c=1 (target < 300 µs) |"
+      print "|---|---|---|---|---|---|"
+      for (li = 1; li <= nl; li++) for (ti = 4; ti <= nt; ti++) {
         lat = lats[li]; t = T[ti]; k = lat SUBSEP t SUBSEP
         if (n[k "ratio64"] == 0) continue
         # The targets are for floodwall without policies; the policy targets are shown for reference.
         nopol = (t == "floodwall" || t == "floodwall_noaccess")
-        printf "| %s ms | %s | %s %s | %s | %s %s |\n", lat, label[t],
+        printf "| %s ms | %s | %s %s | %s | %s %s | %s %s |\n", lat, label[t],
           stat(k "ratio64", "%.2f×"), !nopol ? "(n/a: policies)" : (v_med(k "ratio64") <= 1.15) ? "(met)" : "(**missed**)",
           stat(k "ratio1", "%.2f×"),
+          stat(k "nginx64", "%.2f×"), (n[k "nginx64"] == 0 || nopol) ? "" : (v_med(k "nginx64") <= 2.5) ? "(met)" : "(**missed**)",
           stat(k "a99", "%+d"), !nopol ? "" : (v_med(k "a99") < 300) ? "(met)" : "(**missed**)"
       }
       print ""
@@ -507,7 +587,7 @@ MD=$RESULTS_DIR/load-$STAMP.md
       print ""
       print "| mock latency | target | req/s c=64 ÷ floodwall (3 rules: target ≥ 0.90×) | CPU/req ÷ floodwall, c=64 | CPU µs/req added, c=64 | CPU/req ÷ floodwall, c=1 | added p50 c=1 vs floodwall (µs) |"
       print "|---|---|---|---|---|---|---|"
-      for (li = 1; li <= nl; li++) for (ti = 5; ti <= nt; ti++) {
+      for (li = 1; li <= nl; li++) for (ti = 6; ti <= nt; ti++) {
         lat = lats[li]; t = T[ti]; k = lat SUBSEP t SUBSEP
         if (n[k "frps"] == 0) continue
         noise = (v_min(k "fcpu64") <= 1 && v_max(k "fcpu64") >= 1) ? "(within noise)" : "(above noise)"
