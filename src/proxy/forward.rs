@@ -228,7 +228,7 @@ impl FloodwallProxy {
                 match decision {
                     Delay::After(d) => {
                         if let Some(h) = ctx.held_answer.take() {
-                            drain_and_release(&self.connector, &active.backends[h.bidx], h).await;
+                            drain_and_release(&self.connector, &active.backends[h.bidx], *h).await;
                         }
                         ResilienceMetrics::inc(
                             &metrics.retries,
@@ -260,7 +260,7 @@ impl FloodwallProxy {
                             && more_targets;
                         if let Some(h) = ctx.held_answer.take() {
                             if may_fall_back {
-                                drain_and_release(&self.connector, &active.backends[h.bidx], h)
+                                drain_and_release(&self.connector, &active.backends[h.bidx], *h)
                                     .await;
                             } else {
                                 // The upstream's own answer is the last word: pass it through.
@@ -385,7 +385,10 @@ impl FloodwallProxy {
         };
         let mut report = AttemptReport::default();
         let started = Instant::now();
-        let start = upstream::start_attempt(
+        // Boxed: connecting (TCP, TLS) is the largest state of this future,
+        // and it is over once the header has arrived. Inline, its space
+        // would stay part of every open stream's request future.
+        let start = Box::pin(upstream::start_attempt(
             &self.connector,
             backend,
             endpoint,
@@ -396,7 +399,7 @@ impl FloodwallProxy {
                 connect_timeout: route.timeouts.connect,
             },
             &mut report,
-        );
+        ));
         // The request body was read whole, so any downstream event while the
         // upstream thinks means the client left: drop the attempt (closing
         // its connection, so the backend stops generating).
@@ -474,13 +477,13 @@ impl FloodwallProxy {
             let msg = format!("upstream {} answered {status}", backend_cfg.name);
             // Keep the answer for a pass-through if this turns out to be the
             // last word; the caller decides, so stash it in the ctx.
-            ctx.held_answer = Some(HeldAnswer {
+            ctx.held_answer = Some(Box::new(HeldAnswer {
                 answer,
                 resp,
                 held,
                 backend: backend_cfg.name.clone(),
                 bidx,
-            });
+            }));
             return Ok(Step::Failed(Failed {
                 failure,
                 reject: Reject::new(Reason::UpstreamError, msg),
@@ -572,7 +575,7 @@ impl FloodwallProxy {
         backend: &BackendRuntime,
         backend_name: &str,
         answer: upstream::Answer,
-        resp: ResponseHeader,
+        resp: Box<ResponseHeader>,
         held: Vec<Bytes>,
         scanner: Option<SseScanner>,
         first_token_due: Option<Instant>,
@@ -614,7 +617,7 @@ impl FloodwallProxy {
         backend: &BackendRuntime,
         backend_name: &str,
         mut answer: upstream::Answer,
-        mut resp: ResponseHeader,
+        mut resp: Box<ResponseHeader>,
         held: Vec<Bytes>,
         _scanner: Option<SseScanner>,
         first_token_due: Option<Instant>,
@@ -642,7 +645,7 @@ impl FloodwallProxy {
         ctx.status = resp.status.as_u16();
         let head_only =
             session.req_header().method == http::Method::HEAD || matches!(ctx.status, 204 | 304);
-        if let Err(e) = session.write_response_header(Box::new(resp), false).await {
+        if let Err(e) = session.write_response_header(resp, false).await {
             upstream::release(
                 &self.connector,
                 backend,
@@ -804,7 +807,7 @@ impl FloodwallProxy {
 /// it is passed through as the upstream's own last word.
 pub struct HeldAnswer {
     pub answer: upstream::Answer,
-    pub resp: ResponseHeader,
+    pub resp: Box<ResponseHeader>,
     pub held: Vec<Bytes>,
     pub backend: String,
     pub bidx: usize,

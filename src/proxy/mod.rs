@@ -399,17 +399,18 @@ impl ProxyHttp for FloodwallProxy {
             }
         }
 
-        // Identity, rate limits, token and cost budgets.
-        if let Some(sent) = self
-            .admit_limits(session, ctx, &active, doc.as_ref())
-            .await?
+        // Identity, rate limits, token and cost budgets. This and the
+        // admission below are boxed so that their states (a Redis round
+        // trip, a queue wait) do not stay part of the request future for the
+        // whole length of a stream.
+        if let Some(sent) = Box::pin(self.admit_limits(session, ctx, &active, doc.as_ref())).await?
         {
             return Ok(sent);
         }
         drop(doc);
 
         // Stream slots and the route's concurrency limit (may queue).
-        if let Some(sent) = self.admit_admission(session, ctx, &active).await? {
+        if let Some(sent) = Box::pin(self.admit_admission(session, ctx, &active)).await? {
             return Ok(sent);
         }
 
