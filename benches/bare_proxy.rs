@@ -166,11 +166,13 @@ fn main() -> ExitCode {
         }
     };
 
-    let mut conf = ServerConf::default();
-    conf.threads = args.threads;
-    // A benchmark fixture: stop promptly on SIGTERM.
-    conf.grace_period_seconds = Some(0);
-    conf.graceful_shutdown_timeout_seconds = Some(1);
+    let conf = ServerConf {
+        threads: args.threads,
+        // A benchmark fixture: stop promptly on SIGTERM.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
 

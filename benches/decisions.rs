@@ -846,7 +846,7 @@ fn main() {
             let b = breaker.clone();
             let mut now = Instant::now();
             move |i: u64| {
-                if i % 64 == 0 {
+                if i.is_multiple_of(64) {
                     now = Instant::now();
                 }
                 match b.try_acquire(now) {
