@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -18,6 +20,14 @@ use crate::proxy::FloodwallProxy;
 use crate::reload::{ReloadService, Reloader};
 use crate::state::Shared;
 use crate::telemetry::Metrics;
+
+/// Read buffer of each client connection. Pingora's default is 64 KiB,
+/// sized for TLS records; floodwall's proxy listeners are plain TCP, and a
+/// request body larger than the buffer is read straight into the body
+/// reader's own buffer, bypassing it. The buffer lives as long as the
+/// connection, so for thousands of long-lived streams it is most of what
+/// an idle stream costs once the allocator has reused (and zeroed) memory.
+const CLIENT_READ_BUFFER: usize = 16 * 1024;
 
 pub struct RunOptions {
     pub config: PathBuf,
@@ -98,7 +108,10 @@ pub fn run_snapshot(snapshot: Snapshot, opts: RunOptions) -> Result<(), String> 
         "floodwall proxy",
     );
     for addr in &listen {
-        proxy.add_tcp(addr);
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.as_str())
+                .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER)),
+        );
     }
     server.add_service(proxy);
     server.add_service(crate::admin::admin_service(shared.clone(), &admin_listen));

@@ -481,6 +481,7 @@ impl<S: MockIo> Conn<S> {
             no_done: script.no_done,
             heartbeat: script.heartbeat,
             duration: script.duration,
+            stamp: script.stamp,
         };
         if stream || script.heartbeat.is_some() {
             self.stream_chat(req, t, ok_status, plan).await
@@ -684,11 +685,13 @@ struct StreamPlan {
     no_done: bool,
     heartbeat: Option<Duration>,
     duration: Option<Duration>,
+    /// `stamp=1`: each data chunk carries `mock_sent_us`.
+    stamp: bool,
 }
 
 impl StreamPlan {
     fn chunk(&self, delta: Value, finish: Option<&str>) -> Vec<u8> {
-        sse(&json!({
+        self.stamped(json!({
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
@@ -699,7 +702,7 @@ impl StreamPlan {
     }
 
     fn usage_chunk(&self) -> Vec<u8> {
-        sse(&json!({
+        self.stamped(json!({
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
@@ -708,6 +711,21 @@ impl StreamPlan {
             "choices": [],
             "usage": self.usage,
         }))
+    }
+
+    /// The SSE event of `v`, with the send time when `stamp=1` (chunks are
+    /// built right before they are written).
+    fn stamped(&self, mut v: Value) -> Vec<u8> {
+        if self.stamp {
+            let us = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0);
+            if let Some(m) = v.as_object_mut() {
+                m.insert("mock_sent_us".into(), us.into());
+            }
+        }
+        sse(&v)
     }
 
     fn malformed_chunk(&self, text: &str) -> Vec<u8> {

@@ -39,6 +39,7 @@ pub const MAX_SPEC_LEN: usize = 4096;
 /// | `hang=1` | read the request, never answer |
 /// | `heartbeat=DUR` | streams: after the role chunk send `: ping` every DUR ... |
 /// | `duration=DUR` | ... for DUR in total (default: until the client leaves), then finish |
+/// | `stamp=1` | streams: every `data:` chunk carries `"mock_sent_us"`, the wall-clock time (µs since the Unix epoch) it was written, so a client on the same host can measure each chunk's delivery delay |
 ///
 /// Durations: `250ms`, `2s`, `1.5s`, `100us`, `1m`, `1h`; a bare number is
 /// milliseconds.
@@ -65,6 +66,7 @@ pub struct FaultScript {
     pub hang: bool,
     pub heartbeat: Option<Duration>,
     pub duration: Option<Duration>,
+    pub stamp: bool,
 }
 
 impl FaultScript {
@@ -158,6 +160,7 @@ impl FaultScript {
                     s.heartbeat = Some(d);
                 }
                 "duration" => s.duration = Some(parse_duration(value).map_err(|e| bad(&e))?),
+                "stamp" => s.stamp = parse_bool(value).map_err(|e| bad(&e))?,
                 _ => return Err(format!("unknown fault directive `{key}`")),
             }
         }
@@ -240,6 +243,9 @@ impl fmt::Display for FaultScript {
         }
         if self.hang {
             parts.push("hang=1".into());
+        }
+        if self.stamp {
+            parts.push("stamp=1".into());
         }
         f.write_str(&parts.join(";"))
     }

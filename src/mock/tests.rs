@@ -692,6 +692,52 @@ async fn latency_ttft_and_heartbeat() {
 }
 
 #[tokio::test]
+async fn stamp_puts_the_send_time_in_every_data_chunk() {
+    let server = start().await;
+    let mut c = Client::connect(server.addr()).await;
+    let now_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+    };
+    let before = now_us();
+    c.send(&post(
+        "/v1/chat/completions",
+        &[("x-mock-fault", "stamp=1;chunks=3;chunk_delay=20ms")],
+        &chat_body("gpt", true, false),
+    ))
+    .await;
+    let r = c.response().await.unwrap();
+    let after = now_us();
+    let stamps: Vec<u64> = r
+        .events()
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]")
+        .map(|e| {
+            let v: Value = serde_json::from_str(e).unwrap();
+            v["mock_sent_us"].as_u64().unwrap()
+        })
+        .collect();
+    // Role chunk, three words, the finish chunk.
+    assert_eq!(stamps.len(), 5, "{}", r.text());
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
+    assert!(before <= stamps[0] && stamps[4] <= after, "{stamps:?}");
+    // The words are 20ms apart.
+    assert!(stamps[3] - stamps[1] >= 40_000, "{stamps:?}");
+
+    // Without `stamp`, no extra field.
+    c.send(&post(
+        "/v1/chat/completions",
+        &[("x-mock-fault", "chunks=1")],
+        &chat_body("gpt", true, false),
+    ))
+    .await;
+    let r = c.response().await.unwrap();
+    assert!(!r.text().contains("mock_sent_us"));
+}
+
+#[tokio::test]
 async fn status_and_live_defaults() {
     let server = start().await;
     let mut c = Client::connect(server.addr()).await;
@@ -908,9 +954,10 @@ async fn tls_handshake_with_the_test_ca() {
 #[test]
 fn fault_script_parsing() {
     let s = FaultScript::parse(
-        "scenario=x; fail=2:503 ;retry_after=1;latency=250ms;ttft=1.5s;chunks=3;no_done;hang=0",
+        "scenario=x; fail=2:503 ;retry_after=1;latency=250ms;ttft=1.5s;chunks=3;no_done;hang=0;stamp",
     )
     .unwrap();
+    assert!(s.stamp);
     assert_eq!(s.scenario.as_deref(), Some("x"));
     assert_eq!(s.fail, Some((2, 503)));
     assert_eq!(s.retry_after, Some(1));

@@ -25,6 +25,8 @@ pub struct Ctx {
     /// Index of `route` in the snapshot (for per-route runtime state).
     pub route_index: usize,
     /// A retryable upstream answer kept until the retry decision is made.
+    /// Boxed: it is rare, and every request (every open stream) carries its
+    /// `Ctx`, twice over inside Pingora's per-connection future.
     pub held_answer: Option<Box<super::forward::HeldAnswer>>,
     /// The whole request body, replayable.
     pub body: Bytes,

@@ -422,7 +422,10 @@ impl FloodwallProxy {
         };
         let mut report = AttemptReport::default();
         let started = Instant::now();
-        let start = upstream::start_attempt(
+        // Boxed: connecting (TCP, TLS) is the largest state of this future,
+        // and it is over once the header has arrived. Inline, its space
+        // would stay part of every open stream's request future.
+        let start = Box::pin(upstream::start_attempt(
             &self.connector,
             backend,
             endpoint,
@@ -433,7 +436,7 @@ impl FloodwallProxy {
                 connect_timeout: route.timeouts.connect,
             },
             &mut report,
-        );
+        ));
         // The request body was read whole, so any downstream event while the
         // upstream thinks means the client left: drop the attempt (closing
         // its connection, so the backend stops generating).
@@ -630,7 +633,7 @@ impl FloodwallProxy {
         backend: &BackendRuntime,
         backend_name: &str,
         answer: upstream::Answer,
-        resp: ResponseHeader,
+        resp: Box<ResponseHeader>,
         held: Vec<Bytes>,
         scanner: Option<SseScanner>,
         first_token_due: Option<Instant>,
@@ -674,7 +677,7 @@ impl FloodwallProxy {
         backend: &BackendRuntime,
         backend_name: &str,
         mut answer: upstream::Answer,
-        mut resp: ResponseHeader,
+        mut resp: Box<ResponseHeader>,
         held: Vec<Bytes>,
         _scanner: Option<SseScanner>,
         first_token_due: Option<Instant>,
@@ -710,7 +713,7 @@ impl FloodwallProxy {
         ctx.status = resp.status.as_u16();
         let head_only =
             session.req_header().method == http::Method::HEAD || matches!(ctx.status, 204 | 304);
-        if let Err(e) = session.write_response_header(Box::new(resp), false).await {
+        if let Err(e) = session.write_response_header(resp, false).await {
             upstream::release(
                 &self.connector,
                 backend,
@@ -890,7 +893,7 @@ impl FloodwallProxy {
 /// it is passed through as the upstream's own last word.
 pub struct HeldAnswer {
     pub answer: upstream::Answer,
-    pub resp: ResponseHeader,
+    pub resp: Box<ResponseHeader>,
     pub held: Vec<Bytes>,
     pub backend: String,
     pub bidx: usize,

@@ -406,10 +406,11 @@ impl ProxyHttp for FloodwallProxy {
             }
         }
 
-        // Identity, rate limits, token and cost budgets.
-        if let Some(sent) = self
-            .admit_limits(session, ctx, &active, doc.as_ref())
-            .await?
+        // Identity, rate limits, token and cost budgets. This and the
+        // admission below are boxed so that their states (a Redis round
+        // trip, a queue wait) do not stay part of the request future for the
+        // whole length of a stream.
+        if let Some(sent) = Box::pin(self.admit_limits(session, ctx, &active, doc.as_ref())).await?
         {
             return Ok(sent);
         }

@@ -275,7 +275,10 @@ pub struct AttemptReport {
 
 /// The upstream answered with a header; the body is still to be streamed.
 pub struct Answer {
-    pub session: HttpSession,
+    /// Boxed: the answer is moved down through several async fns (attempt,
+    /// commit, ...), and each keeps its arguments in its own state for the
+    /// whole length of a stream (~470 bytes each time, inline).
+    pub session: Box<HttpSession>,
     pub endpoint: usize,
 }
 
@@ -426,7 +429,7 @@ pub async fn start_attempt(
     report.header_latency = Some(started.elapsed());
     report.upstream_status = up.response_header().map(|h| h.status.as_u16());
     Ok(Answer {
-        session: up,
+        session: Box::new(up),
         endpoint,
     })
 }
@@ -618,21 +621,21 @@ pub async fn release(
     connector: &Connectors,
     backend: &BackendRuntime,
     endpoint: usize,
-    up: HttpSession,
+    mut up: Box<HttpSession>,
     reusable: bool,
 ) {
     let Some(Ok(peer)) = backend.endpoints.get(endpoint).map(|e| e.peer.as_ref()) else {
         return;
     };
     if reusable {
-        connector.release(up, peer).await;
+        connector.release(*up, peer).await;
     } else {
-        let mut up = up;
         up.shutdown().await;
     }
 }
 
-/// Copy of the upstream response header to send downstream.
-pub fn downstream_header(up: &HttpSession) -> Option<ResponseHeader> {
-    up.response_header().cloned()
+/// Copy of the upstream response header to send downstream (boxed, as
+/// Pingora takes it, and as it is moved through the response path).
+pub fn downstream_header(up: &HttpSession) -> Option<Box<ResponseHeader>> {
+    up.response_header().cloned().map(Box::new)
 }
