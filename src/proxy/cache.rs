@@ -38,7 +38,7 @@ use serde_json::Value;
 use super::limits::UsageTracker;
 use super::sse::SseScanner;
 use super::upstream::StreamEnd;
-use super::{Ctx, FloodwallProxy};
+use super::{BoxFut, Ctx, FloodwallProxy};
 use crate::config::Route;
 use crate::policy::cache::flight::{Head, HeadWait, Leader, Next};
 use crate::policy::cache::key::Body;
@@ -434,24 +434,26 @@ impl FloodwallProxy {
 
     /// Serve the stale entry kept aside, if there is one, instead of an
     /// upstream failure.
-    pub(super) async fn serve_stale(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-    ) -> Option<Result<bool>> {
-        let entry = ctx.cache.as_mut()?.stale.take()?;
-        if ctx.response_started {
-            return None;
-        }
-        let route = ctx
-            .route
-            .as_ref()
-            .map(|r| r.name.clone())
-            .unwrap_or_default();
-        CacheMetrics::inc(&self.shared.cache_metrics.requests, &[&route, "stale"]);
-        tracing::info!(request_id = %ctx.request_id, route = %route, age_s = entry.age_secs(now_ms()), "upstream failed; serving a stale cache entry");
-        ctx.reason = None;
-        Some(self.serve_entry(session, ctx, &entry, Status::Stale).await)
+    pub(super) fn serve_stale<'a>(
+        &'a self,
+        session: &'a mut Session,
+        ctx: &'a mut Ctx,
+    ) -> BoxFut<'a, Option<Result<bool>>> {
+        Box::pin(async move {
+            let entry = ctx.cache.as_mut()?.stale.take()?;
+            if ctx.response_started {
+                return None;
+            }
+            let route = ctx
+                .route
+                .as_ref()
+                .map(|r| r.name.clone())
+                .unwrap_or_default();
+            CacheMetrics::inc(&self.shared.cache_metrics.requests, &[&route, "stale"]);
+            tracing::info!(request_id = %ctx.request_id, route = %route, age_s = entry.age_secs(now_ms()), "upstream failed; serving a stale cache entry");
+            ctx.reason = None;
+            Some(self.serve_entry(session, ctx, &entry, Status::Stale).await)
+        })
     }
 }
 
@@ -521,35 +523,37 @@ impl Fill {
 impl FloodwallProxy {
     /// The upstream answer ended: store it if it is complete, and release
     /// the followers (complete, or cut).
-    pub(super) async fn finish_fill(&self, ctx: &mut Ctx, end: StreamEnd) {
-        let Some(c) = ctx.cache.as_mut() else { return };
-        let Some(mut fill) = c.fill.take() else {
-            return;
-        };
-        let policy = c.policy.clone();
-        let key = c.key.clone();
-        let Some(head) = fill.head.take().filter(|_| fill.storable) else {
-            return; // the leader (if any) failed the flight already
-        };
-        let finished = fill.scanner.as_ref().is_some_and(|s| s.done || s.finished);
-        let complete = rules::complete(head.sse, end == StreamEnd::Complete, finished);
-        let Some(mut leader) = fill.leader.take() else {
-            if complete && !fill.too_big {
+    pub(super) fn finish_fill<'a>(&'a self, ctx: &'a mut Ctx, end: StreamEnd) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            let Some(c) = ctx.cache.as_mut() else { return };
+            let Some(mut fill) = c.fill.take() else {
+                return;
+            };
+            let policy = c.policy.clone();
+            let key = c.key.clone();
+            let Some(head) = fill.head.take().filter(|_| fill.storable) else {
+                return; // the leader (if any) failed the flight already
+            };
+            let finished = fill.scanner.as_ref().is_some_and(|s| s.done || s.finished);
+            let complete = rules::complete(head.sse, end == StreamEnd::Complete, finished);
+            let Some(mut leader) = fill.leader.take() else {
+                if complete && !fill.too_big {
+                    self.store_entry(&policy, &key, head, fill.chunks).await;
+                }
+                return;
+            };
+            if !complete {
+                leader.fail();
+                return;
+            }
+            // Followers finish now; the flight stays joinable until the entry is
+            // stored, so nobody in between goes upstream again.
+            leader.complete();
+            if !fill.too_big {
                 self.store_entry(&policy, &key, head, fill.chunks).await;
             }
-            return;
-        };
-        if !complete {
-            leader.fail();
-            return;
-        }
-        // Followers finish now; the flight stays joinable until the entry is
-        // stored, so nobody in between goes upstream again.
-        leader.complete();
-        if !fill.too_big {
-            self.store_entry(&policy, &key, head, fill.chunks).await;
-        }
-        drop(leader);
+            drop(leader);
+        })
     }
 
     async fn store_entry(

@@ -29,7 +29,7 @@ use pingora::{Error, ErrorType, Result};
 use super::reject::{Reason, Reject};
 use super::sse::SseScanner;
 use super::upstream::{self, AttemptReport, AttemptRequest, BackendRuntime, StreamEnd};
-use super::{Ctx, FloodwallProxy};
+use super::{BoxFut, Ctx, FloodwallProxy};
 use crate::config::{FallbackTarget, Route};
 use crate::policy::breaker::{Breaker, CallOutcome, Permit};
 use crate::policy::retry::{self, Delay, Failure, GiveUp, RetryBudget, RetryPolicy};
@@ -151,7 +151,7 @@ impl FloodwallProxy {
                 }
                 // An explicit `fallback: - stale_cache: true` here.
                 if stale_at == Some(ti) {
-                    if let Some(sent) = Box::pin(self.serve_stale(session, ctx)).await {
+                    if let Some(sent) = self.serve_stale(session, ctx).await {
                         Self::observe_attempts(&metrics, route, ctx.attempts);
                         return sent;
                     }
@@ -183,7 +183,7 @@ impl FloodwallProxy {
                         ),
                     );
                     Self::observe_attempts(&metrics, route, ctx.attempts);
-                    return Box::pin(self.finish_attempts(session, ctx, route, r)).await;
+                    return self.finish_attempts(session, ctx, r).await;
                 }
                 // Breakers: the backend's, then a healthy endpoint's.
                 let mut permits = Permits::default();
@@ -246,12 +246,7 @@ impl FloodwallProxy {
                 match decision {
                     Delay::After(d) => {
                         if let Some(h) = ctx.held_answer.take() {
-                            Box::pin(drain_and_release(
-                                &self.connector,
-                                &active.backends[h.bidx],
-                                h,
-                            ))
-                            .await;
+                            drain_and_release(&self.connector, &active.backends[h.bidx], h).await;
                         }
                         ResilienceMetrics::inc(
                             &metrics.retries,
@@ -285,12 +280,8 @@ impl FloodwallProxy {
                             let stale = ctx.cache.as_ref().is_some_and(|c| c.stale.is_some());
                             if may_fall_back || stale {
                                 // A fallback, or `cache.stale_if_error`, answers instead.
-                                Box::pin(drain_and_release(
-                                    &self.connector,
-                                    &active.backends[h.bidx],
-                                    h,
-                                ))
-                                .await;
+                                drain_and_release(&self.connector, &active.backends[h.bidx], h)
+                                    .await;
                             } else {
                                 // The upstream's own answer is the last word: pass it through.
                                 Self::observe_attempts(&metrics, route, ctx.attempts);
@@ -316,18 +307,18 @@ impl FloodwallProxy {
         Self::observe_attempts(&metrics, route, ctx.attempts);
         // `cache.stale_if_error`: an expired answer beats an error (and the
         // static `respond`).
-        if let Some(sent) = Box::pin(self.serve_stale(session, ctx)).await {
+        if let Some(sent) = self.serve_stale(session, ctx).await {
             return sent;
         }
         if may_fall_back {
             if let Some((status, body)) = respond {
                 ResilienceMetrics::inc(&metrics.fallbacks, &[&route.name, "respond"]);
-                return Box::pin(self.respond_static(session, ctx, status, body)).await;
+                return self.respond_static(session, ctx, status, body).await;
             }
         }
         let r =
             last.unwrap_or_else(|| Reject::new(Reason::UpstreamError, "no backend could answer"));
-        Box::pin(self.finish_attempts(session, ctx, route, r)).await
+        self.finish_attempts(session, ctx, r).await
     }
 
     fn observe_attempts(metrics: &ResilienceMetrics, route: &Route, attempts: u32) {
@@ -343,13 +334,12 @@ impl FloodwallProxy {
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
-        _route: &Route,
         r: Reject,
     ) -> Result<bool> {
-        if let Some(sent) = Box::pin(self.serve_stale(session, ctx)).await {
+        if let Some(sent) = self.serve_stale(session, ctx).await {
             return sent;
         }
-        Box::pin(self.reject(session, ctx, r, true)).await
+        self.reject(session, ctx, r, true).await
     }
 
     /// One attempt: connect, send, read the header, classify; commit to the
@@ -414,7 +404,7 @@ impl FloodwallProxy {
                             ),
                         );
                         r.retry_after = Some(q.retry_after.as_secs_f64().ceil().max(1.0) as u64);
-                        let sent = Box::pin(self.reject(session, ctx, r, true)).await;
+                        let sent = self.reject(session, ctx, r, true).await;
                         return Ok(Step::Done(sent));
                     }
                 }
@@ -539,8 +529,8 @@ impl FloodwallProxy {
                 backend: backend_cfg.name.clone(),
                 bidx,
             });
-            Box::pin(drain_and_release(&self.connector, backend, held)).await;
-            if let Some(sent) = Box::pin(self.serve_stale(session, ctx)).await {
+            drain_and_release(&self.connector, backend, held).await;
+            if let Some(sent) = self.serve_stale(session, ctx).await {
                 return Ok(Step::Done(sent));
             }
             return Ok(Step::Done(Err(Error::explain(
@@ -696,7 +686,7 @@ impl FloodwallProxy {
                         false,
                     )
                     .await;
-                    return Box::pin(self.reject(session, ctx, r, true)).await;
+                    return self.reject(session, ctx, r, true).await;
                 }
             }
         }
@@ -803,7 +793,7 @@ impl FloodwallProxy {
         ctx.stream_end = Some(end);
         if let (Some(c), Some(f)) = (ctx.cache.as_mut(), fill) {
             c.fill = Some(f);
-            Box::pin(self.finish_fill(ctx, end)).await;
+            self.finish_fill(ctx, end).await;
         }
         let m = &self.shared.admission_metrics;
         if ctx.stream.is_some() {
@@ -858,34 +848,36 @@ impl FloodwallProxy {
     }
 
     /// The route's static `respond` fallback.
-    async fn respond_static(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
+    fn respond_static<'a>(
+        &'a self,
+        session: &'a mut Session,
+        ctx: &'a mut Ctx,
         status: u16,
-        body: &serde_json::Value,
-    ) -> Result<bool> {
-        let body = Bytes::from(body.to_string());
-        let mut h = ResponseHeader::build(status, Some(8))?;
-        h.insert_header("content-type", "application/json")?;
-        h.insert_header("content-length", body.len().to_string())?;
-        h.insert_header("x-floodwall-reason", "fallback_response")?;
-        h.insert_header("x-floodwall-backend", "respond")?;
-        h.insert_header("cache-control", "no-store")?;
-        h.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if matches!(status, 429 | 503) {
-            h.insert_header("retry-after", "1")?;
-        }
-        for (k, v) in &ctx.cors {
-            h.insert_header(*k, v.as_str())?;
-        }
-        ctx.status = status;
-        ctx.reason = Some(Reason::FallbackResponse);
-        self.shared.metrics.local_response("fallback_response");
-        session.write_response_header(Box::new(h), false).await?;
-        ctx.response_started = true;
-        session.write_response_body(Some(body), true).await?;
-        Ok(true)
+        body: &'a serde_json::Value,
+    ) -> BoxFut<'a, Result<bool>> {
+        Box::pin(async move {
+            let body = Bytes::from(body.to_string());
+            let mut h = ResponseHeader::build(status, Some(8))?;
+            h.insert_header("content-type", "application/json")?;
+            h.insert_header("content-length", body.len().to_string())?;
+            h.insert_header("x-floodwall-reason", "fallback_response")?;
+            h.insert_header("x-floodwall-backend", "respond")?;
+            h.insert_header("cache-control", "no-store")?;
+            h.insert_header("x-request-id", ctx.request_id.as_str())?;
+            if matches!(status, 429 | 503) {
+                h.insert_header("retry-after", "1")?;
+            }
+            for (k, v) in &ctx.cors {
+                h.insert_header(*k, v.as_str())?;
+            }
+            ctx.status = status;
+            ctx.reason = Some(Reason::FallbackResponse);
+            self.shared.metrics.local_response("fallback_response");
+            session.write_response_header(Box::new(h), false).await?;
+            ctx.response_started = true;
+            session.write_response_body(Some(body), true).await?;
+            Ok(true)
+        })
     }
 }
 
@@ -1005,34 +997,36 @@ async fn wait_first_token(
 }
 
 /// Drain a failed answer briefly so its connection can be reused; close it otherwise.
-pub(super) async fn drain_and_release(
-    connector: &upstream::Connectors,
-    backend: &BackendRuntime,
+pub(super) fn drain_and_release<'a>(
+    connector: &'a upstream::Connectors,
+    backend: &'a BackendRuntime,
     mut held: Box<HeldAnswer>,
-) {
-    let done = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        let mut n = 0usize;
-        loop {
-            match held.answer.session.read_response_body().await {
-                Ok(Some(c)) => {
-                    n += c.len();
-                    if n > ERROR_PREFIX {
-                        return false;
+) -> BoxFut<'a, ()> {
+    Box::pin(async move {
+        let done = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            let mut n = 0usize;
+            loop {
+                match held.answer.session.read_response_body().await {
+                    Ok(Some(c)) => {
+                        n += c.len();
+                        if n > ERROR_PREFIX {
+                            return false;
+                        }
                     }
+                    Ok(None) => return held.answer.session.response_done(),
+                    Err(_) => return false,
                 }
-                Ok(None) => return held.answer.session.response_done(),
-                Err(_) => return false,
             }
-        }
+        })
+        .await
+        .unwrap_or(false);
+        upstream::release(
+            connector,
+            backend,
+            held.answer.endpoint,
+            held.answer.session,
+            done,
+        )
+        .await;
     })
-    .await
-    .unwrap_or(false);
-    upstream::release(
-        connector,
-        backend,
-        held.answer.endpoint,
-        held.answer.session,
-        done,
-    )
-    .await;
 }

@@ -43,6 +43,12 @@ use crate::config::{JsonMode, Route};
 use crate::request::{self, BodyError};
 use crate::state::{Active, Shared};
 
+/// A boxed future. floodwall's rarely taken paths (a refusal, a stale
+/// answer, a static fallback, draining a failed answer, storing a cache
+/// entry) return one, so that the per-request future, which Pingora boxes
+/// and moves for every request, does not reserve room for their states.
+pub type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// How long a client may take to send its request body.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -60,32 +66,34 @@ impl FloodwallProxy {
     }
 
     /// Send a rejection with the request id and CORS headers, and record it.
-    async fn reject(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
+    fn reject<'a>(
+        &'a self,
+        session: &'a mut Session,
+        ctx: &'a mut Ctx,
         r: Reject,
         body_read: bool,
-    ) -> Result<bool> {
-        ctx.reason = Some(r.reason);
-        ctx.status = r.status();
-        ctx.error = Some(r.message.clone());
-        if r.reason.is_client_error() {
-            debug!(request_id = %ctx.request_id, reason = r.reason.code(), "{}", r.message);
-        } else {
-            warn!(request_id = %ctx.request_id, reason = r.reason.code(), "{}", r.message);
-        }
-        self.shared.metrics.local_response(r.reason.code());
-        let mut extra = ctx.cors.clone();
-        extra.extend(
-            ctx.rate_headers
-                .iter()
-                .map(|(k, v)| (*k, v.to_str().unwrap_or_default().to_string())),
-        );
-        extra.push(("x-request-id", ctx.request_id.clone()));
-        reject::send(session, &r, &extra, body_read).await?;
-        ctx.response_started = true;
-        Ok(true)
+    ) -> BoxFut<'a, Result<bool>> {
+        Box::pin(async move {
+            ctx.reason = Some(r.reason);
+            ctx.status = r.status();
+            ctx.error = Some(r.message.clone());
+            if r.reason.is_client_error() {
+                debug!(request_id = %ctx.request_id, reason = r.reason.code(), "{}", r.message);
+            } else {
+                warn!(request_id = %ctx.request_id, reason = r.reason.code(), "{}", r.message);
+            }
+            self.shared.metrics.local_response(r.reason.code());
+            let mut extra = ctx.cors.clone();
+            extra.extend(
+                ctx.rate_headers
+                    .iter()
+                    .map(|(k, v)| (*k, v.to_str().unwrap_or_default().to_string())),
+            );
+            extra.push(("x-request-id", ctx.request_id.clone()));
+            reject::send(session, &r, &extra, body_read).await?;
+            ctx.response_started = true;
+            Ok(true)
+        })
     }
 
     /// Read the whole request body, bounded by `max_body` and a time limit.
@@ -359,7 +367,7 @@ impl ProxyHttp for FloodwallProxy {
         // Body.
         ctx.body = match Self::read_body(session, route.request.max_body).await {
             Ok(b) => b,
-            Err(r) => return Box::pin(self.reject(session, ctx, r, false)).await,
+            Err(r) => return self.reject(session, ctx, r, false).await,
         };
         ctx.bytes_in = ctx.body.len() as u64;
         let parse_json = match route.request.json {
@@ -375,7 +383,7 @@ impl ProxyHttp for FloodwallProxy {
             match request::parse(&ctx.body, keep_doc) {
                 Ok(Some((fields, parsed))) => {
                     if let Err(e) = request::check(&route.request, &fields, parsed.as_ref()) {
-                        return Box::pin(self.reject(session, ctx, body_reject(e), true)).await;
+                        return self.reject(session, ctx, body_reject(e), true).await;
                     }
                     ctx.llm = Some(fields);
                     doc = parsed;
@@ -385,14 +393,14 @@ impl ProxyHttp for FloodwallProxy {
                         Reason::InvalidJson,
                         "request body is empty; this route expects JSON",
                     );
-                    return Box::pin(self.reject(session, ctx, r, true)).await;
+                    return self.reject(session, ctx, r, true).await;
                 }
                 Ok(None) => {
                     if let Err(e) = request::check(&route.request, &Default::default(), None) {
-                        return Box::pin(self.reject(session, ctx, body_reject(e), true)).await;
+                        return self.reject(session, ctx, body_reject(e), true).await;
                     }
                 }
-                Err(e) => return Box::pin(self.reject(session, ctx, body_reject(e), true)).await,
+                Err(e) => return self.reject(session, ctx, body_reject(e), true).await,
             }
         } else if !route.request.fields.is_empty() || route.request.max_messages.is_some() {
             // Checks that need JSON, on a body that is not declared JSON:
@@ -402,7 +410,7 @@ impl ProxyHttp for FloodwallProxy {
                     Reason::InvalidRequest,
                     "this route checks JSON fields; send the body as Content-Type: application/json",
                 );
-                return Box::pin(self.reject(session, ctx, r, true)).await;
+                return self.reject(session, ctx, r, true).await;
             }
         }
 
@@ -414,10 +422,10 @@ impl ProxyHttp for FloodwallProxy {
         {
             return Ok(sent);
         }
-        // The response cache: a hit or a collapsed miss is answered here.
-        if let Some(sent) = self
-            .admit_cache(session, ctx, &active, &route, doc.as_ref())
-            .await?
+        // The response cache: a hit or a collapsed miss is answered here
+        // (boxed like the steps around it: a hit's replay, a follower's wait).
+        if let Some(sent) =
+            Box::pin(self.admit_cache(session, ctx, &active, &route, doc.as_ref())).await?
         {
             return Ok(sent);
         }
@@ -527,7 +535,7 @@ impl ProxyHttp for FloodwallProxy {
         };
         let r = Reject::new(reason, e.etype().as_str().to_string());
         let code = r.status();
-        let _ = Box::pin(self.reject(session, ctx, r, false)).await;
+        let _ = self.reject(session, ctx, r, false).await;
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
