@@ -15,7 +15,7 @@ use prometheus::{Histogram, IntGauge};
 use super::reject::{Reason, Reject};
 use super::{Ctx, FloodwallProxy};
 use crate::policy::concurrency::{Rejected, Slot};
-use crate::policy::identity::{self, RequestParts};
+use crate::policy::identity;
 use crate::policy::streams::{StreamScope, StreamSlot};
 use crate::state::Active;
 
@@ -72,18 +72,14 @@ impl FloodwallProxy {
                 .as_ref()
                 .is_some_and(|s| s.per_identity.is_some());
         if needs_identity && ctx.identity.is_none() {
-            let req = session.req_header();
-            let peer = session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip());
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            let parts = RequestParts::new(&req.headers, peer, &snap.server.trusted_proxies, now)
-                .with_body(ctx.llm.as_ref(), None);
-            ctx.identity = Some(Box::new(identity::extract(&snap.limits.identity, &parts)));
+            let who = super::limits::extract_identity(
+                session,
+                active,
+                ctx.llm.as_ref(),
+                None,
+                super::limits::now_ms(),
+            );
+            ctx.identity = Some(Box::new(who));
         }
         let who = ctx.identity.as_ref().and_then(|i| i.user.clone());
         let m = &self.shared.admission_metrics;

@@ -35,7 +35,7 @@ use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 use serde_json::Value;
 
-use super::limits::UsageTracker;
+use super::limits::{extract_identity, now_ms, UsageTracker};
 use super::sse::SseScanner;
 use super::upstream::StreamEnd;
 use super::{BoxFut, Ctx, FloodwallProxy};
@@ -47,7 +47,6 @@ use crate::policy::cache::rules::{self, RequestMode};
 use crate::policy::cache::{
     CacheKey, CachePolicy, Chunk, Entry, Join, KeyParts, OnLeaderFailure, Replay, Scope, Status,
 };
-use crate::policy::identity::{self, RequestParts};
 use crate::state::Active;
 use crate::telemetry::cache::CacheMetrics;
 
@@ -73,13 +72,6 @@ pub struct Fill {
     too_big: bool,
     started: Instant,
     scanner: Option<SseScanner>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn header<'a>(session: &'a Session, name: &str) -> Option<&'a str> {
@@ -229,20 +221,8 @@ impl FloodwallProxy {
             Scope::Shared => None,
             Scope::User => {
                 if ctx.identity.is_none() {
-                    let snap = &active.snapshot;
-                    let req = session.req_header();
-                    let peer = session
-                        .client_addr()
-                        .and_then(|a| a.as_inet())
-                        .map(|a| a.ip());
-                    let parts = RequestParts::new(
-                        &req.headers,
-                        peer,
-                        &snap.server.trusted_proxies,
-                        now_ms() / 1000,
-                    )
-                    .with_body(ctx.llm.as_ref(), doc);
-                    ctx.identity = Some(Box::new(identity::extract(&snap.limits.identity, &parts)));
+                    let who = extract_identity(session, active, ctx.llm.as_ref(), doc, now_ms());
+                    ctx.identity = Some(Box::new(who));
                 }
                 Some(ctx.identity.as_ref().and_then(|i| i.user.clone()))
             }

@@ -27,11 +27,34 @@ use crate::state::Active;
 /// The longest JSON response body kept to read its `usage`.
 const MAX_USAGE_BODY: usize = 4 << 20;
 
-fn now_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch (limits and cache entries
+/// are shared with other replicas, so they use the wall clock).
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Who is calling, as the policy's `identity` section resolves it for this
+/// request (rate limits, per-identity caps and per-user cache entries all
+/// ask the same question). `doc`: the parsed body, when a source reads it.
+pub(super) fn extract_identity(
+    session: &Session,
+    active: &Active,
+    llm: Option<&crate::request::LlmFields>,
+    doc: Option<&Value>,
+    now_ms: u64,
+) -> identity::Identity {
+    let snap = &active.snapshot;
+    let parts = RequestParts::new(
+        &session.req_header().headers,
+        super::client_ip(session),
+        &snap.server.trusted_proxies,
+        now_ms / 1000,
+    )
+    .with_body(llm, doc);
+    identity::extract(&snap.limits.identity, &parts)
 }
 
 /// Reads usage from a response body as it streams by.
@@ -171,19 +194,7 @@ impl FloodwallProxy {
             return Ok(None);
         };
         let now_ms = now_ms();
-        let req = session.req_header();
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let parts = RequestParts::new(
-            &req.headers,
-            peer,
-            &snap.server.trusted_proxies,
-            now_ms / 1000,
-        )
-        .with_body(ctx.llm.as_ref(), doc);
-        let ident = identity::extract(&snap.limits.identity, &parts);
+        let ident = extract_identity(session, active, ctx.llm.as_ref(), doc, now_ms);
         if let Some(e) = &ident.jwt_error {
             warn!(target: "audit", request_id = %ctx.request_id, route = %route.name, reason = e.code(), ip = ?ident.ip, "rejected token");
             let r = Reject::new(Reason::InvalidToken, format!("invalid token: {e}"));
