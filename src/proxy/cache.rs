@@ -146,7 +146,7 @@ impl FloodwallProxy {
         let flights = &self.shared.flights;
         let wait_until = tokio::time::Instant::now() + policy.lock_timeout;
         loop {
-            match flights.join(&key.as_string()) {
+            match flights.join(key.as_str()) {
                 Join::Leader(leader) => {
                     if mode == RequestMode::Normal {
                         CacheMetrics::inc(&m.requests, &[&route.name, "miss"]);

@@ -139,10 +139,10 @@ impl CacheStore {
         k: &CacheKey,
         now_ms: u64,
     ) -> (Lookup, Option<StoreError>) {
-        let ks = k.as_string();
+        let ks = k.as_str();
         let mut found = Lookup::Miss;
         if kind.uses_memory() {
-            found = self.memory.get(&ks, now_ms);
+            found = self.memory.get(ks, now_ms);
             if matches!(found, Lookup::Fresh(_)) {
                 return (found, None);
             }
@@ -160,7 +160,7 @@ impl CacheStore {
                     match from_redis {
                         Lookup::Fresh(_) => {
                             if kind.uses_memory() {
-                                self.memory.insert(ks, entry);
+                                self.memory.insert(ks.to_string(), entry);
                             }
                             (from_redis, None)
                         }
@@ -195,7 +195,7 @@ impl CacheStore {
         let redis = self.redis.as_ref().filter(|_| kind.uses_redis());
         let encoded = redis.map(|_| entry.encode(self.compress_over));
         if kind.uses_memory() {
-            evicted = self.memory.insert(k.as_string(), entry);
+            evicted = self.memory.insert(k.as_str().to_string(), entry);
             self.ensure_subscribed();
         }
         let (Some(redis), Some(bytes)) = (redis, encoded) else {
@@ -448,11 +448,7 @@ mod tests {
     }
 
     fn key(route: &str, scope: &str) -> CacheKey {
-        CacheKey {
-            route: route.into(),
-            scope: scope.into(),
-            digest: "d1".into(),
-        }
+        CacheKey::new(route, scope, "d1")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

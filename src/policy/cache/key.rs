@@ -51,6 +51,8 @@ pub struct CacheKey {
     pub route: String,
     pub scope: String,
     pub digest: String,
+    /// `route:scope:digest`, built once.
+    text: String,
 }
 
 impl CacheKey {
@@ -95,27 +97,28 @@ impl CacheKey {
             Some(None) => ANONYMOUS.to_string(),
             Some(Some(id)) => identity_tag(id),
         };
+        CacheKey::new(p.route, &scope, &digest)
+    }
+
+    pub fn new(route: &str, scope: &str, digest: &str) -> CacheKey {
         CacheKey {
-            route: p.route.to_string(),
-            scope,
-            digest,
+            route: route.to_string(),
+            scope: scope.to_string(),
+            digest: digest.to_string(),
+            text: format!("{route}:{scope}:{digest}"),
         }
     }
 
-    /// `route:scope:digest`, the form purges match prefixes against.
-    pub fn as_string(&self) -> String {
-        format!("{}:{}:{}", self.route, self.scope, self.digest)
+    /// `route:scope:digest`, the form the memory tier and purges use.
+    pub fn as_str(&self) -> &str {
+        &self.text
     }
 
     /// Split `route:scope:digest` back into its parts.
     pub fn parse(s: &str) -> Option<CacheKey> {
         let (rest, digest) = s.rsplit_once(':')?;
         let (route, scope) = rest.rsplit_once(':')?;
-        Some(CacheKey {
-            route: route.to_string(),
-            scope: scope.to_string(),
-            digest: digest.to_string(),
-        })
+        Some(CacheKey::new(route, scope, digest))
     }
 }
 
@@ -342,7 +345,7 @@ mod tests {
     #[test]
     fn key_string_round_trips_and_is_pinned() {
         let k = key_of(&json!({"a": 1}), &[]);
-        let s = k.as_string();
+        let s = k.as_str().to_string();
         assert!(s.starts_with("chat:shared:"));
         assert_eq!(CacheKey::parse(&s), Some(k.clone()));
         // Pinned: a change here invalidates every replica's entries, so it
