@@ -141,16 +141,16 @@ impl<'de, T: LooseKind> Deserialize<'de> for Loose<T> {
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
-                mut a: A,
+                a: A,
             ) -> Result<Self::Value, A::Error> {
-                while a.next_element::<IgnoredAny>()?.is_some() {}
+                skip_seq(a)?;
                 Ok(Loose(None))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
-                mut a: A,
+                a: A,
             ) -> Result<Self::Value, A::Error> {
-                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                skip_map(a)?;
                 Ok(Loose(None))
             }
         }
@@ -181,11 +181,17 @@ struct Content(usize);
 #[derive(Default)]
 struct Part(usize);
 
+/// Visitor methods that read scalars as "nothing here" (`Default`):
+/// `ignore_scalars!()` for every scalar, `ignore_scalars!(but_str)` for
+/// every scalar but strings (the visitor reads those itself).
 macro_rules! ignore_scalars {
     () => {
         fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
             Ok(Default::default())
         }
+        ignore_scalars!(but_str);
+    };
+    (but_str) => {
         fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
             Ok(Default::default())
         }
@@ -312,27 +318,7 @@ impl<'de> Deserialize<'de> for Content {
             fn visit_str<E>(self, s: &str) -> Result<Content, E> {
                 Ok(Content(s.chars().count()))
             }
-            fn visit_bool<E>(self, _: bool) -> Result<Content, E> {
-                Ok(Content(0))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Content, E> {
-                Ok(Content(0))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Content, E> {
-                Ok(Content(0))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Content, E> {
-                Ok(Content(0))
-            }
-            fn visit_unit<E>(self) -> Result<Content, E> {
-                Ok(Content(0))
-            }
-            fn visit_none<E>(self) -> Result<Content, E> {
-                Ok(Content(0))
-            }
-            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Content, D::Error> {
-                d.deserialize_any(self)
-            }
+            ignore_scalars!(but_str);
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut a: A,
