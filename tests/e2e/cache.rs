@@ -1,6 +1,7 @@
 //! The response cache (`routes[].cache`): hits, keys, streams, collapsing,
 //! TTL, stale serving, scoping, purges and the Redis tier.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -14,11 +15,29 @@ fn cached(cache: &str) -> String {
 }
 
 async fn post(fw: &Floodwall, body: &serde_json::Value, headers: &[(&str, &str)]) -> Resp {
+    send_chat(fw.addr, body.to_string().as_bytes(), headers).await
+}
+
+async fn send_chat(addr: SocketAddr, body: &[u8], headers: &[(&str, &str)]) -> Resp {
     let mut h = vec![("content-type", "application/json")];
     h.extend_from_slice(headers);
-    Client::new()
-        .send(fw.addr, "POST", CHAT, &h, body.to_string().as_bytes())
-        .await
+    Client::new().send(addr, "POST", CHAT, &h, body).await
+}
+
+/// A chat call with a mock fault script, from a spawned task (owned inputs).
+async fn post_to(addr: SocketAddr, body: &str, fault: &str) -> Resp {
+    send_chat(addr, body.as_bytes(), &[("x-mock-fault", fault)]).await
+}
+
+/// A policy in front of `mock` with a private Redis store and one cached route.
+fn with_redis(
+    mock: &floodwall::mock::MockServer,
+    redis: &RedisServer,
+    extra: &str,
+    cache: &str,
+) -> String {
+    let store = format!("store:\n  redis: {{ url: \"{}\", {extra} }}\n", redis.url());
+    policy(&mock_url(mock), &cached(cache)).replace("backends:\n", &format!("{store}backends:\n"))
 }
 
 fn upstream_calls(mock: &floodwall::mock::MockServer) -> u64 {
@@ -167,18 +186,7 @@ async fn fifty_identical_misses_make_one_upstream_call() {
     for _ in 0..50 {
         let (addr, b) = (fw.addr, body.to_string());
         tasks.push(tokio::spawn(async move {
-            Client::new()
-                .send(
-                    addr,
-                    "POST",
-                    CHAT,
-                    &[
-                        ("content-type", "application/json"),
-                        ("x-mock-fault", "latency=500ms"),
-                    ],
-                    b.as_bytes(),
-                )
-                .await
+            post_to(addr, &b, "latency=500ms").await
         }));
     }
     let mut bodies = Vec::new();
@@ -222,18 +230,7 @@ async fn stream_followers_get_events_before_the_leader_stream_ends() {
     let leader = {
         let (addr, b) = (fw.addr, body.clone());
         tokio::spawn(async move {
-            let r = Client::new()
-                .send(
-                    addr,
-                    "POST",
-                    CHAT,
-                    &[
-                        ("content-type", "application/json"),
-                        ("x-mock-fault", fault),
-                    ],
-                    b.as_bytes(),
-                )
-                .await;
+            let r = post_to(addr, &b, fault).await;
             (r, Instant::now())
         })
     };
@@ -242,18 +239,7 @@ async fn stream_followers_get_events_before_the_leader_stream_ends() {
     for _ in 0..49 {
         let (addr, b) = (fw.addr, body.clone());
         followers.push(tokio::spawn(async move {
-            let r = Client::new()
-                .send(
-                    addr,
-                    "POST",
-                    CHAT,
-                    &[
-                        ("content-type", "application/json"),
-                        ("x-mock-fault", fault),
-                    ],
-                    b.as_bytes(),
-                )
-                .await;
+            let r = post_to(addr, &b, fault).await;
             // When this follower's first event arrived.
             let first = r.started + r.chunks.first().expect("a chunk").0;
             (r, first)
@@ -449,15 +435,12 @@ async fn redis_tier_is_shared_fails_open_and_comes_back_after_a_restart() {
     let mock = start_mock().await;
     let redis = RedisServer::start();
     let port = redis.port;
-    let store = format!(
-        "store:\n  redis: {{ url: \"{}\", key_prefix: fw-e2e-cache, timeout: 100ms }}\n",
-        redis.url()
+    let text = with_redis(
+        &mock,
+        &redis,
+        "key_prefix: fw-e2e-cache, timeout: 100ms",
+        "{ ttl: 1m, scope: shared, store: redis }",
     );
-    let text = policy(
-        &mock_url(&mock),
-        &cached("{ ttl: 1m, scope: shared, store: redis }"),
-    )
-    .replace("backends:\n", &format!("{store}backends:\n"));
     let a = Floodwall::start(&text).await;
     let b = Floodwall::start(&text).await;
     let body = chat_body("shared across replicas", false);
@@ -509,15 +492,12 @@ async fn redis_tier_is_shared_fails_open_and_comes_back_after_a_restart() {
 async fn a_purge_clears_every_replicas_memory_tier() {
     let mock = start_mock().await;
     let redis = RedisServer::start();
-    let store = format!(
-        "store:\n  redis: {{ url: \"{}\", key_prefix: fw-e2e-purge, timeout: 1s }}\n",
-        redis.url()
+    let text = with_redis(
+        &mock,
+        &redis,
+        "key_prefix: fw-e2e-purge, timeout: 1s",
+        "{ ttl: 1m, scope: shared, store: tiered }",
     );
-    let text = policy(
-        &mock_url(&mock),
-        &cached("{ ttl: 1m, scope: shared, store: tiered }"),
-    )
-    .replace("backends:\n", &format!("{store}backends:\n"));
     let a = Floodwall::start(&text).await;
     let b = Floodwall::start(&text).await;
     let body = chat_body("purge me everywhere", false);
@@ -635,18 +615,7 @@ async fn burst(
             if i > 0 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Client::new()
-                .send(
-                    addr,
-                    "POST",
-                    CHAT,
-                    &[
-                        ("content-type", "application/json"),
-                        ("x-mock-fault", fault),
-                    ],
-                    b.as_bytes(),
-                )
-                .await
+            post_to(addr, &b, fault).await
         }));
     }
     let mut out = Vec::new();
