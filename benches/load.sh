@@ -76,49 +76,9 @@ done
 case "$RUNS$DURATION" in *[!0-9]*) echo "load.sh: --runs and --duration take whole numbers" >&2; exit 2 ;; esac
 [ "$RUNS" -ge 1 ] && [ "$DURATION" -ge 1 ] || { echo "load.sh: --runs and --duration must be >= 1" >&2; exit 2; }
 
-log() { printf '[load %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# --- processes: every PID started here, stopped on exit --------------------
-
-PIDS=()
-WORK=""
-cleanup() {
-  local rc=$? pid i
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for ((i = 0; i < 30; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then
-      log "PID $pid did not stop within 3s: SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-  done
-  PIDS=()
-  if [ -n "$WORK" ] && [ -d "$WORK" ]; then
-    if [ "$KEEP" = 1 ] || [ "$rc" != 0 ]; then
-      log "logs and raw output kept in $WORK"
-    else
-      rm -rf "$WORK"
-    fi
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-# (Subshells inherit the trap: only the script itself reports.)
-trap '[ "$BASHPID" = "$$" ] && log "interrupted"; exit 130' INT TERM
-
-# Stop one process we started (SIGTERM, bounded wait, SIGKILL) and forget it.
-stop_pid() {
-  local pid=$1 i keep=()
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 30; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  for i in "${PIDS[@]}"; do [ "$i" = "$pid" ] || keep+=("$i"); done
-  PIDS=("${keep[@]+"${keep[@]}"}")
-}
+BENCH=load
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
 
 # --- prerequisites ----------------------------------------------------------
 
@@ -168,37 +128,6 @@ TSV=$WORK/rows.tsv
 printf 'latency_ms\trun\ttarget\tconns\trequests\tduration_us\trps\tp50_us\tp90_us\tp99_us\tmax_us\tcpu_us_per_req\tmock_cpu_us_per_req\thwm_kb\terrors\tcpu_ticks_us_per_req\n' >"$TSV"
 
 # --- helpers ----------------------------------------------------------------
-
-# utime+stime of a process (all its threads, dead ones included), in ticks.
-cpu_ticks() {
-  local s
-  s=$(<"/proc/$1/stat") || die "process $1 is gone"
-  s=${s##*) }
-  # shellcheck disable=SC2086
-  set -- $s
-  echo $(( ${12} + ${13} ))
-}
-# CPU time of all of a process's threads in ns, from /proc/PID/task/*/schedstat
-# (the same clock as utime+stime, without the 1/CLK_TCK resolution, which is
-# too coarse for the c=1 runs against a 20 ms backend: ~9 ticks per run).
-# Threads that exit between two readings would be missed: the proxies' worker
-# threads live for the whole run, and utime+stime is recorded too as a check.
-cpu_ns() { cat "/proc/$1/task/"*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
-hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
-reset_hwm() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || true; }
-
-alive() { kill -0 "$1" 2>/dev/null; }
-
-# Wait (bounded) until FILE exists and is non-empty, while PID lives.
-wait_file() {
-  local file=$1 pid=$2 what=$3 i
-  for ((i = 0; i < 300; i++)); do
-    [ -s "$file" ] && return 0
-    alive "$pid" || die "$what exited during start-up (see $WORK)"
-    sleep 0.1
-  done
-  die "$what not ready within 30s (see $WORK)"
-}
 
 # One POST through a target, checked: 200 and a chat.completion body.
 check_target() {

@@ -103,51 +103,9 @@ case "$ONLY" in both|idle|active) ;; *) echo "streams.sh: --only takes idle or a
 [ "$RUNS" -ge 1 ] && [ "$IDLE_STREAMS" -ge 1 ] && [ "$ACTIVE_STREAMS" -ge 1 ] && [ "$DURATION" -ge 1 ] \
   || { echo "streams.sh: --runs, stream counts and --duration must be >= 1" >&2; exit 2; }
 
-log() { printf '[streams %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# --- processes: every PID started here, stopped on exit --------------------
-
-PIDS=()
-WORK=""
-cleanup() {
-  local rc=$? pid i
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for ((i = 0; i < 30; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then
-      log "PID $pid did not stop within 3s: SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-  done
-  PIDS=()
-  if [ -n "$WORK" ] && [ -d "$WORK" ]; then
-    if [ "$KEEP" = 1 ] || [ "$rc" != 0 ]; then
-      log "logs and raw output kept in $WORK"
-    else
-      rm -rf "$WORK"
-    fi
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap '[ "$BASHPID" = "$$" ] && log "interrupted"; exit 130' INT TERM
-
-# Stop one process we started (SIGTERM, bounded wait, SIGKILL) and forget it.
-stop_pid() {
-  local pid=$1 i keep=()
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 30; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "PID $pid did not stop within 3s: SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-  for i in "${PIDS[@]}"; do [ "$i" = "$pid" ] || keep+=("$i"); done
-  PIDS=("${keep[@]+"${keep[@]}"}")
-}
+BENCH=streams
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
 
 # --- prerequisites ----------------------------------------------------------
 
@@ -188,19 +146,6 @@ printf 'run\ttarget\twave\tstreams\topened\tfailed\tclosed_early\twith_heartbeat
 printf 'run\ttarget\tstreams\tevents\tevents_per_sec\tttft_p50_us\tttft_p99_us\tchunk_p50_us\tchunk_p99_us\tchunk_p999_us\tchunk_max_us\tcpu_us_per_chunk\tcpu_sched_us_per_chunk\tmock_cpu_us_per_chunk\trss_kb\terrors\terror_kinds\n' >"$ACTIVE_TSV"
 
 # --- helpers ----------------------------------------------------------------
-
-alive() { kill -0 "$1" 2>/dev/null; }
-
-# Wait (bounded) until FILE exists and is non-empty, while PID lives.
-wait_file() {
-  local file=$1 pid=$2 what=$3 i
-  for ((i = 0; i < 300; i++)); do
-    [ -s "$file" ] && return 0
-    alive "$pid" || die "$what exited during start-up (see $WORK)"
-    sleep 0.1
-  done
-  die "$what not ready within 30s (see $WORK)"
-}
 
 ready_addr() { sed -n 's/.*"listen":\["\([^"]*\)".*/\1/p' "$1"; }
 ready_admin() { sed -n 's/.*"admin":"\([^"]*\)".*/\1/p' "$1"; }
