@@ -35,6 +35,7 @@ use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 use serde_json::Value;
 
+use super::forward::client_gone;
 use super::limits::{extract_identity, now_ms, UsageTracker};
 use super::sse::SseScanner;
 use super::upstream::StreamEnd;
@@ -160,9 +161,7 @@ impl FloodwallProxy {
                         biased;
                         w = f.head(limit) => w,
                         _ = session.downstream_session.read_body_or_idle(true) => {
-                            ctx.error = Some("client closed the connection while waiting for an identical request's answer".into());
-                            ctx.stream_end = Some(StreamEnd::ClientGone);
-                            return Error::e_explain(ErrorType::ConnectionClosed, "client gone").map(Some);
+                            return client_gone(ctx, "client closed the connection while waiting for an identical request's answer").map(Some);
                         }
                     };
                     match waited {
@@ -381,9 +380,7 @@ impl FloodwallProxy {
                 biased;
                 n = f.next() => n,
                 _ = session.downstream_session.read_body_or_idle(true) => {
-                    ctx.stream_end = Some(StreamEnd::ClientGone);
-                    ctx.error = Some("client closed the connection".into());
-                    return Error::e_explain(ErrorType::ConnectionClosed, "client gone");
+                    return client_gone(ctx, "client closed the connection");
                 }
             };
             match next {

@@ -903,7 +903,7 @@ fn circuit_open(backend: &str, retry_after: Duration) -> Reject {
     r
 }
 
-fn client_gone(ctx: &mut Ctx, why: &str) -> Result<bool> {
+pub(super) fn client_gone(ctx: &mut Ctx, why: &str) -> Result<bool> {
     ctx.error = Some(why.into());
     ctx.stream_end = Some(StreamEnd::ClientGone);
     Err(Error::create(
