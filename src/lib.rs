@@ -2,6 +2,8 @@
 //!
 //! The modules follow the path a request takes:
 //! - [`config`]: the policy file, its validation and the compiled snapshot;
+//! - [`connection`]: each client connection before its requests reach the
+//!   proxy: the connection cap and the request-header size and time guards;
 //! - [`proxy`]: the Pingora wiring (request intake, routing, the upstream
 //!   loop and floodwall's own responses);
 //! - [`policy`]: one pure decision module per policy kind;
@@ -12,6 +14,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod connection;
 pub mod demo;
 pub mod mock;
 pub mod policy;

@@ -13,9 +13,11 @@ use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
 use tracing::{error, info};
 
 use crate::config::{self, Snapshot};
+use crate::connection::GuardedApp;
 use crate::proxy::FloodwallProxy;
 use crate::reload::{ReloadService, Reloader};
 use crate::state::Shared;
@@ -102,11 +104,27 @@ pub fn run_snapshot(snapshot: Snapshot, opts: RunOptions) -> Result<(), String> 
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        FloodwallProxy::new(shared.clone()),
-        "floodwall proxy",
+    let derived = shared.connections.init_from_rlimit();
+    let configured = shared.active().snapshot.server.max_connections;
+    if configured.is_some_and(|c| c > derived) {
+        tracing::warn!(
+            max_connections = configured,
+            open_files_allow = derived,
+            "server.max_connections is above what the open-files limit allows (two files a connection)"
+        );
+    }
+    shared
+        .connections
+        .metrics()
+        .limit
+        .set(shared.connections.limit(configured) as i64);
+    // The connection guards (server.max_connections, request header size
+    // and time) run in front of the proxy on every accepted connection.
+    let app = GuardedApp::new(
+        pingora::proxy::http_proxy(&server.configuration, FloodwallProxy::new(shared.clone())),
+        shared.clone(),
     );
+    let mut proxy = Service::new("floodwall proxy".to_string(), app);
     for addr in &listen {
         proxy.add_listener(
             ListenerConfig::tcp(addr.as_str())

@@ -186,6 +186,8 @@ pub struct Shared {
     pub flights: crate::policy::cache::Flights,
     /// SIGTERM handling: requests in flight, and when open streams must end.
     pub shutdown: Arc<crate::shutdown::Shutdown>,
+    /// Open client connections and the guards' refusals.
+    pub connections: Arc<crate::connection::Connections>,
     pub health: Health,
     pub started_at: Instant,
 }
@@ -220,6 +222,16 @@ impl Shared {
         if let Err(e) = cache_metrics.register(metrics.registry()) {
             tracing::error!(error = %e, "cannot register the cache metrics");
         }
+        #[allow(clippy::expect_used)]
+        let connection_metrics = crate::telemetry::connections::ConnectionMetrics::new()
+            .expect("connection metric families are valid");
+        if let Err(e) = connection_metrics.register(metrics.registry()) {
+            tracing::error!(error = %e, "cannot register the connection metrics");
+        }
+        let connections = Arc::new(crate::connection::Connections::new(
+            connection_metrics,
+            metrics.local_responses(),
+        ));
         let cache =
             crate::store::cache::CacheStore::new(&snapshot.cache_store, limiter.redis().cloned());
         let admission = crate::policy::concurrency::AdmissionRegistry::with_leases(lease_backend(
@@ -240,6 +252,7 @@ impl Shared {
             cache_metrics,
             flights: crate::policy::cache::Flights::new(),
             shutdown: Arc::new(crate::shutdown::Shutdown::default()),
+            connections,
             health: Health::default(),
             started_at: Instant::now(),
         });

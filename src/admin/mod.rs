@@ -630,6 +630,8 @@ mod tests {
                 threads: None,
                 grace_period: Duration::from_secs(30),
                 max_connections: None,
+                max_request_header_size: crate::config::compile::DEFAULT_MAX_REQUEST_HEADER_SIZE,
+                request_header_timeout: crate::config::compile::DEFAULT_REQUEST_HEADER_TIMEOUT,
                 trusted_proxies: vec![],
                 cors: None,
                 streams: Default::default(),

@@ -37,7 +37,6 @@ pub type Env<'e> = &'e dyn Fn(&str) -> Option<String>;
 /// the enclosing mapping, field). `backends.*` is any backend, `routes[]`
 /// any route.
 pub const NOT_SUPPORTED_YET: PlannedTable = &[
-    ("server", "max_connections"),
     ("routes[].cache", "stale_while_revalidate"),
     ("routes[].cache", "convert"),
 ];
@@ -57,6 +56,9 @@ const SERVER_FIELDS: &[&str] = &[
     "admin",
     "threads",
     "grace_period",
+    "max_connections",
+    "max_request_header_size",
+    "request_header_timeout",
     "trusted_proxies",
     "cors",
     "streams",
@@ -126,6 +128,11 @@ const FIELD_CHECK_FIELDS: &[&str] = &[
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// `server.max_request_header_size`: Envoy's default is 60 KiB, nginx's
+/// 32 KiB; room for large JWTs and cookies, far below Pingora's 1 MiB.
+pub const DEFAULT_MAX_REQUEST_HEADER_SIZE: usize = 64 * 1024;
+/// `server.request_header_timeout`, as Go servers commonly set it.
+pub const DEFAULT_REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CORS_METHODS: &[&str] = &["GET", "POST", "OPTIONS"];
 pub const DEFAULT_CORS_ALLOW_HEADERS: &[&str] = &["authorization", "content-type", "x-request-id"];
 pub const DEFAULT_CORS_EXPOSE_HEADERS: &[&str] = &[
@@ -265,6 +272,8 @@ fn default_server() -> ServerConfig {
         threads: None,
         grace_period: DEFAULT_GRACE_PERIOD,
         max_connections: None,
+        max_request_header_size: DEFAULT_MAX_REQUEST_HEADER_SIZE,
+        request_header_timeout: DEFAULT_REQUEST_HEADER_TIMEOUT,
         trusted_proxies: default_trusted_proxies(),
         cors: None,
         streams: Default::default(),
@@ -307,6 +316,16 @@ fn server(v: &Value<'_>, env: Env<'_>) -> ServerConfig {
     config.grace_period = m
         .duration_in("grace_period", Duration::ZERO..=HOUR)
         .unwrap_or(DEFAULT_GRACE_PERIOD);
+    config.max_connections = m.usize_in("max_connections", 1..=10_000_000);
+    if let Some(size) = m.size_in("max_request_header_size", 1024..=1024 * 1024) {
+        config.max_request_header_size = size as usize;
+    }
+    if let Some(t) = m.duration_in(
+        "request_header_timeout",
+        Duration::from_millis(100)..=Duration::from_secs(300),
+    ) {
+        config.request_header_timeout = t;
+    }
     if let Some(list) = m.get("trusted_proxies") {
         if let Some(items) = list.list_or_one() {
             config.trusted_proxies = items

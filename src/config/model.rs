@@ -58,6 +58,10 @@ pub struct ServerConfig {
     pub grace_period: Duration,
     /// Maximum downstream connections; `None` = derived from the open-files limit.
     pub max_connections: Option<usize>,
+    /// The largest request header accepted, in bytes (default 64 KiB).
+    pub max_request_header_size: usize,
+    /// How long a client may take to send a request header (default 10s).
+    pub request_header_timeout: Duration,
     /// Peers whose `X-Forwarded-For` and identity headers are believed (default: loopback).
     pub trusted_proxies: Vec<Cidr>,
     pub cors: Option<CorsConfig>,

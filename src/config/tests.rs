@@ -107,6 +107,8 @@ fn a_full_file_compiles_with_the_expected_values() {
     assert_eq!(s.threads, Some(4));
     assert_eq!(s.grace_period, Duration::from_secs(10));
     assert_eq!(s.max_connections, None);
+    assert_eq!(s.max_request_header_size, 64 * 1024);
+    assert_eq!(s.request_header_timeout, Duration::from_secs(10));
     assert_eq!(s.trusted_proxies.len(), 4);
     assert!(s.trusted_proxies[2].contains("192.168.1.7".parse().unwrap()));
     assert_eq!(s.trusted_proxies[2].prefix, 32);
@@ -269,10 +271,53 @@ fn a_bad_backend_reference_lists_the_defined_backends() {
 }
 
 #[test]
+fn connection_guards_are_read_with_their_bounds() {
+    let text = "\
+version: 1
+server:
+  max_connections: 8000
+  max_request_header_size: 16KiB
+  request_header_timeout: 2s
+backends:
+  local:
+    endpoints: [\"http://127.0.0.1:8000\"]
+routes:
+  - name: all
+    match: { path_prefix: / }
+    backend: local
+";
+    let snap = compile(text).expect("valid");
+    assert_eq!(snap.server.max_connections, Some(8000));
+    assert_eq!(snap.server.max_request_header_size, 16 * 1024);
+    assert_eq!(snap.server.request_header_timeout, Duration::from_secs(2));
+
+    let bad = text
+        .replace("8000", "0")
+        .replace("16KiB", "2MiB")
+        .replace("2s", "10m");
+    let errs = errors(&bad);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(
+        errs[0].contains("server.max_connections: must be 1..=10000000"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1].contains("server.max_request_header_size: must be"),
+        "{}",
+        errs[1]
+    );
+    assert!(
+        errs[2].contains("server.request_header_timeout: must be 100ms..=5m"),
+        "{}",
+        errs[2]
+    );
+}
+
+#[test]
 fn planned_fields_are_rejected_not_ignored() {
     let text = "\
 version: 1
-server: { max_connections: 8000 }
 backends:
   local:
     endpoints: [\"http://127.0.0.1:8000\"]
@@ -284,7 +329,6 @@ routes:
 ";
     let errs = errors(text);
     let expected_paths = [
-        "server.max_connections",
         "routes[0].cache.stale_while_revalidate",
         "routes[0].cache.convert",
     ];

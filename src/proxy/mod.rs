@@ -289,6 +289,7 @@ impl ProxyHttp for FloodwallProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        crate::connection::claim(session);
         ctx.in_flight = Some(self.shared.shutdown.enter());
         let active = self.shared.active();
         let req = session.req_header();

@@ -33,13 +33,21 @@ pub enum Reason {
     ConcurrencyLimit,
     Overloaded,
     UpstreamQuota,
+    /// `server.max_connections` reached (the connection is answered and closed).
+    ConnectionLimit,
+    /// The request header is over `server.max_request_header_size`.
+    HeaderTooLarge,
+    /// The request header did not arrive within `server.request_header_timeout`.
+    HeaderTimeout,
+    /// `CONNECT` (Pingora refuses it before any route is looked up).
+    MethodNotAllowed,
     /// A route's static `fallback.respond` answer (its status is the policy's).
     FallbackResponse,
     Internal,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 26] = [
         Reason::StreamLimit,
         Reason::ConcurrencyLimit,
         Reason::Overloaded,
@@ -61,6 +69,10 @@ impl Reason {
         Reason::UpstreamConnectError,
         Reason::UpstreamTimeout,
         Reason::UpstreamError,
+        Reason::ConnectionLimit,
+        Reason::HeaderTooLarge,
+        Reason::HeaderTimeout,
+        Reason::MethodNotAllowed,
         Reason::Internal,
     ];
 
@@ -88,6 +100,10 @@ impl Reason {
             Reason::Overloaded => "overloaded",
             Reason::UpstreamQuota => "upstream_quota",
             Reason::FallbackResponse => "fallback_response",
+            Reason::ConnectionLimit => "connection_limit",
+            Reason::HeaderTooLarge => "header_too_large",
+            Reason::HeaderTimeout => "header_timeout",
+            Reason::MethodNotAllowed => "method_not_allowed",
             Reason::Internal => "internal_error",
         }
     }
@@ -97,7 +113,9 @@ impl Reason {
             Reason::NoRoute => 404,
             Reason::BodyTooLarge => 413,
             Reason::InvalidJson | Reason::RequestTooLarge | Reason::InvalidRequest => 400,
-            Reason::RequestTimeout => 408,
+            Reason::RequestTimeout | Reason::HeaderTimeout => 408,
+            Reason::HeaderTooLarge => 431,
+            Reason::MethodNotAllowed => 405,
             Reason::UpstreamConnectError | Reason::UpstreamError => 502,
             Reason::UpstreamTimeout => 504,
             Reason::CircuitOpen
@@ -105,7 +123,8 @@ impl Reason {
             | Reason::LimiterUnavailable
             | Reason::StreamLimit
             | Reason::Overloaded
-            | Reason::UpstreamQuota => 503,
+            | Reason::UpstreamQuota
+            | Reason::ConnectionLimit => 503,
             Reason::ConcurrencyLimit => 429,
             Reason::RateLimited | Reason::TokensExceeded | Reason::BudgetExceeded => 429,
             Reason::MissingIdentity | Reason::InvalidToken => 401,
@@ -121,7 +140,10 @@ impl Reason {
             | Reason::InvalidJson
             | Reason::RequestTooLarge
             | Reason::InvalidRequest
-            | Reason::RequestTimeout => "invalid_request_error",
+            | Reason::RequestTimeout
+            | Reason::HeaderTooLarge
+            | Reason::HeaderTimeout
+            | Reason::MethodNotAllowed => "invalid_request_error",
             Reason::UpstreamConnectError | Reason::UpstreamTimeout | Reason::UpstreamError => {
                 "upstream_error"
             }
@@ -130,7 +152,8 @@ impl Reason {
             | Reason::LimiterUnavailable
             | Reason::StreamLimit
             | Reason::Overloaded
-            | Reason::UpstreamQuota => "unavailable",
+            | Reason::UpstreamQuota
+            | Reason::ConnectionLimit => "unavailable",
             Reason::ConcurrencyLimit => "rate_limit_error",
             Reason::RateLimited | Reason::TokensExceeded | Reason::BudgetExceeded => {
                 "rate_limit_error"

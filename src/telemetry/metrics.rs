@@ -472,6 +472,12 @@ impl Metrics {
         }
     }
 
+    /// `floodwall_local_responses_total` itself, for code that answers
+    /// without a request context (the connection guards).
+    pub fn local_responses(&self) -> Option<IntCounterVec> {
+        self.families.as_ref().map(|f| f.local_responses.clone())
+    }
+
     /// A reload attempt finished. On success the timestamp is set to now and,
     /// when `hash` is given, `floodwall_config_info` switches to it.
     pub fn config_reloaded(&self, ok: bool, hash: Option<&str>) {

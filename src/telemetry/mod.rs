@@ -10,6 +10,7 @@
 pub mod access;
 pub mod admission;
 pub mod cache;
+pub mod connections;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

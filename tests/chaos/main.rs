@@ -812,14 +812,24 @@ async fn malformed(addr: SocketAddr, m: Malformed, deadline: Duration) -> Outcom
             }
         }
         Malformed::HugeHeader => {
-            // Over Pingora's 1 MiB request-head limit: it answers a bare 400
-            // and closes (or the connection is closed while we write).
+            // Over server.max_request_header_size (64 KiB by default):
+            // floodwall answers 431 and closes as soon as the head passes the
+            // limit (or the connection is reset while we still write).
             let big = format!("x-huge: {}\r\n", "a".repeat(1100 * 1024));
             let mut raw = head(good.len(), &big).into_bytes();
             raw.extend_from_slice(good.as_bytes());
             match exchange(addr, &raw, deadline).await {
-                Ok(r) if r.status == 400 || r.status == 431 => Outcome::Ok,
-                Ok(r) => Outcome::Failure(format!("huge header: status {}", r.status)),
+                Ok(r)
+                    if r.status == 431
+                        && r.header("x-floodwall-reason") == Some("header_too_large") =>
+                {
+                    Outcome::Ok
+                }
+                Ok(r) => Outcome::Failure(format!(
+                    "huge header: status {}, reason {:?}",
+                    r.status,
+                    r.header("x-floodwall-reason")
+                )),
                 Err(e) if e.starts_with("no complete response head (0 bytes") => Outcome::Ok,
                 Err(e) => Outcome::Failure(format!("huge header: {e}")),
             }
@@ -921,21 +931,22 @@ async fn malformed_traffic_at_ten_percent() {
     assert_healthy_after(&mut fw, baseline).await;
 }
 
-/// A client trickling its request head must eventually be disconnected by
-/// floodwall. It is not: Pingora's downstream `read_timeout` (60 s) applies
-/// to each read, not to the whole head, and floodwall sets no head deadline,
-/// so a byte every 200 ms keeps a connection (and its task and buffer) open
-/// indefinitely. Run it with `--ignored` once floodwall bounds the head read.
+/// A client trickling its request head is disconnected at
+/// `server.request_header_timeout` (10 s by default), however steadily it
+/// sends: Pingora's own read timeout (60 s) applies to each read, not to the
+/// whole head; floodwall's connection guard bounds the head.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding: a slow-loris client (one header byte every 200 ms) is never disconnected; no request-head deadline"]
 async fn slow_loris_connection_is_closed_by_floodwall() {
     let mock = start_mock().await;
     let mut fw = Floodwall::start(&breaker_policy(&mock_url(&mock), "3s", "")).await;
     let bound = Duration::from_secs(15);
     let closed = slow_loris(fw.addr, Duration::from_millis(200), bound).await;
     assert_alive(&mut fw);
+    let closed = closed.unwrap_or_else(|| {
+        panic!("floodwall kept a slow-loris connection open for {bound:?} (one header byte every 200 ms)")
+    });
     assert!(
-        closed.is_some(),
-        "floodwall kept a slow-loris connection open for {bound:?} (one header byte every 200 ms)"
+        closed >= Duration::from_millis(9_500),
+        "closed before the 10 s header deadline: {closed:?}"
     );
 }

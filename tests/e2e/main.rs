@@ -9,6 +9,7 @@ mod admin;
 mod admission;
 mod cache;
 mod check;
+mod connections;
 mod cors;
 mod errors;
 mod headers;
