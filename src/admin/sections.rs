@@ -152,9 +152,41 @@ impl StatusSection for Cache {
     }
 }
 
+/// `connections`: client connections open, the cap, and those refused.
+pub struct Connections(pub Arc<Shared>);
+
+impl StatusSection for Connections {
+    fn name(&self) -> &'static str {
+        "connections"
+    }
+
+    fn render(&self, _query: Option<&str>) -> Value {
+        let c = &self.0.connections;
+        let configured = self.0.active().snapshot.server.max_connections;
+        let refused = &c.metrics().refused;
+        let count = |reason: &str| {
+            refused
+                .get_metric_with_label_values(&[reason])
+                .map(|m| m.get())
+                .unwrap_or(0)
+        };
+        json!({
+            "open": c.open(),
+            "limit": c.limit(configured),
+            "limit_source": if configured.is_some() { "server.max_connections" } else { "open-files limit" },
+            "refused": {
+                "connection_limit": count("connection_limit"),
+                "header_too_large": count("header_too_large"),
+                "header_timeout": count("header_timeout"),
+            },
+        })
+    }
+}
+
 /// All built-in policy sections, for the admin service.
 pub fn all(shared: &Arc<Shared>) -> Vec<Arc<dyn StatusSection>> {
     vec![
+        Arc::new(Connections(shared.clone())),
         Arc::new(Breakers(shared.clone())),
         Arc::new(Admission(shared.clone())),
         Arc::new(Cache(shared.clone())),

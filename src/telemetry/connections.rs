@@ -4,6 +4,9 @@
 
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
+/// The `reason` label values of `floodwall_connections_refused_total`.
+pub const REASONS: [&str; 3] = ["connection_limit", "header_too_large", "header_timeout"];
+
 pub struct ConnectionMetrics {
     /// Client connections open on the proxy listeners (returns to 0).
     pub active: IntGauge,
@@ -16,7 +19,7 @@ pub struct ConnectionMetrics {
 
 impl ConnectionMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
-        Ok(ConnectionMetrics {
+        let m = ConnectionMetrics {
             active: IntGauge::with_opts(Opts::new(
                 "floodwall_connections_active",
                 "Client connections open on the proxy listeners",
@@ -33,7 +36,12 @@ impl ConnectionMetrics {
                 ),
                 &["reason"],
             )?,
-        })
+        };
+        // Exported from the start (at 0), so that rates and alerts see them.
+        for reason in REASONS {
+            m.refused.with_label_values(&[reason]);
+        }
+        Ok(m)
     }
 
     pub fn register(&self, r: &Registry) -> Result<(), prometheus::Error> {

@@ -71,6 +71,13 @@ async fn a_connection_over_max_connections_gets_503_and_a_freed_place_is_reused(
     let m = fw.metrics().await;
     assert_eq!(metric(&m, "floodwall_connections_active"), Some(2.0));
     assert_eq!(metric(&m, "floodwall_connections_limit"), Some(2.0));
+    let status = Client::new().get(fw.admin, "/admin/status").await.json();
+    assert_eq!(status["connections"]["open"], 2, "{status}");
+    assert_eq!(status["connections"]["limit"], 2);
+    assert_eq!(
+        status["connections"]["limit_source"],
+        "server.max_connections"
+    );
 
     // The third is answered and closed.
     let mut third = RawConn::connect(fw.addr).await;
