@@ -85,10 +85,30 @@ impl StatusSection for Admission {
                 })
             })
             .collect();
+        // Backends with outgoing-call limits (`backends.*.limits`).
+        let backends: Vec<Value> = active
+            .snapshot
+            .backends
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let st = active.admission.pacer(i)?.stats();
+                Some(json!({
+                    "backend": b.name,
+                    "in_flight": st.in_flight,
+                    "max_in_flight": st.max_in_flight,
+                    "adaptive_limit": st.adaptive_limit,
+                    "queued": st.queued,
+                    "started_last_minute": st.started_last_minute,
+                    "per_minute": st.per_minute,
+                }))
+            })
+            .collect();
         json!({
             "streams_active": active.admission.stream_cap.active(),
             "streams_max": active.admission.stream_cap.max(),
             "routes": routes,
+            "backends": backends,
         })
     }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use super::compile::{header_name, is_name};
 use super::decode::{hint, list_names, Value};
+use crate::policy::concurrency::adaptive::AdaptiveConfig;
 use crate::policy::concurrency::{
     self, shared, CallLimits, ConcurrencyConfig, PriorityConfig, QueueConfig, SharedConfig,
 };
@@ -31,7 +32,9 @@ const LIMITS_FIELDS: &[&str] = &[
     "min_spacing",
     "max_wait",
     "max_queue",
+    "adaptive",
 ];
+const ADAPTIVE_FIELDS: &[&str] = &["min", "max", "window", "tolerance"];
 const SERVER_STREAMS_FIELDS: &[&str] = &["max_concurrent"];
 
 // Ranges, shared with docs/policy.md.
@@ -285,7 +288,8 @@ pub fn backend_limits(v: &Value<'_>) -> CallLimits {
     l.max_queue = m
         .u64_in("max_queue", 1..=MAX_QUEUE)
         .map_or(concurrency::DEFAULT_CALL_MAX_QUEUE, to_u32);
-    let limits = ["max_in_flight", "per_minute", "min_spacing"];
+    l.adaptive = m.get("adaptive").and_then(|a| adaptive(&a));
+    let limits = ["max_in_flight", "per_minute", "min_spacing", "adaptive"];
     if limits.iter().all(|f| !m.has(f)) && !m.misspelled(&limits) {
         v.error(format!(
             "sets no limit; set at least one of {}",
@@ -293,6 +297,34 @@ pub fn backend_limits(v: &Value<'_>) -> CallLimits {
         ));
     }
     l
+}
+
+/// `backends.<name>.limits.adaptive`.
+fn adaptive(v: &Value<'_>) -> Option<AdaptiveConfig> {
+    let mut m = v.map(ADAPTIVE_FIELDS)?;
+    let min = m.u64_in("min", 1..=MAX_COUNT).map_or(1, to_u32);
+    let max = m
+        .require("max")
+        .and_then(|x| x.u64_in(1..=MAX_COUNT))
+        .map(to_u32);
+    let window = m
+        .duration_in("window", 100 * MS..=MINUTE)
+        .unwrap_or(Duration::from_secs(1));
+    let tolerance = m
+        .get("tolerance")
+        .and_then(|x| super::resilience::decimal_in(&x, 1.0..=10.0))
+        .unwrap_or(1.5);
+    let max = max?;
+    if min > max {
+        v.error(format!("min ({min}) is above max ({max})"));
+        return None;
+    }
+    Some(AdaptiveConfig {
+        min,
+        max,
+        window,
+        tolerance_pct: (tolerance * 100.0).round() as u32,
+    })
 }
 
 #[cfg(test)]
@@ -413,8 +445,60 @@ routes:
                 min_spacing: Duration::from_millis(100),
                 max_wait: Duration::from_secs(10),
                 max_queue: 500,
+                adaptive: None,
             })
         );
+    }
+
+    #[test]
+    fn adaptive_backend_limits_with_defaults_and_bounds() {
+        use crate::policy::concurrency::adaptive::AdaptiveConfig;
+        let snap = ok(&with("backend:\n    limits: { adaptive: { max: 32 } }\n"));
+        let l = snap.backends[0].limits.as_deref().unwrap();
+        assert_eq!(
+            l.adaptive,
+            Some(AdaptiveConfig {
+                min: 1,
+                max: 32,
+                window: Duration::from_secs(1),
+                tolerance_pct: 150,
+            })
+        );
+        assert_eq!(l.max_in_flight, None);
+        let snap = ok(&with(
+            "backend:\n    limits: { max_in_flight: 10, adaptive: { min: 2, max: 8, window: 250ms, tolerance: 2 } }\n",
+        ));
+        let l = snap.backends[0].limits.as_deref().unwrap();
+        assert_eq!(
+            l.adaptive,
+            Some(AdaptiveConfig {
+                min: 2,
+                max: 8,
+                window: Duration::from_millis(250),
+                tolerance_pct: 200,
+            })
+        );
+        let errs = compile(&with(
+            "backend:\n    limits: { adaptive: { min: 9, max: 8, window: 10ms, tolerance: 0.5 } }\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            errs.contains("limits.adaptive.window: must be 100ms..=1m"),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("limits.adaptive.tolerance: must be"),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("limits.adaptive: min (9) is above max (8)"),
+            "{errs}"
+        );
+        let errs = compile(&with("backend:\n    limits: { adaptive: { min: 2 } }\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(errs.contains("limits.adaptive.max"), "{errs}");
     }
 
     #[test]
@@ -607,7 +691,7 @@ routes:
         );
         assert_eq!(
             errors(&with("backend:\n    limits: { max_wait: 5s }\n")),
-            ["p.yaml:5:13 backends.openai.limits: sets no limit; set at least one of `max_in_flight`, `per_minute`, `min_spacing`"]
+            ["p.yaml:5:13 backends.openai.limits: sets no limit; set at least one of `max_in_flight`, `per_minute`, `min_spacing`, `adaptive`"]
         );
         assert_eq!(
             errors(&with("server:\n  streams: { max_concurrent: 0 }\n")),

@@ -487,7 +487,7 @@ fn ratio_in(v: &Value<'_>, range: RangeInclusive<f64>) -> Option<f64> {
 }
 
 /// A plain (unquoted) decimal number within `range`, such as `2` or `1.5`.
-fn decimal_in(v: &Value<'_>, range: RangeInclusive<f64>) -> Option<f64> {
+pub(super) fn decimal_in(v: &Value<'_>, range: RangeInclusive<f64>) -> Option<f64> {
     const FORMS: &str = "a number such as 2 or 1.5";
     match v.node().as_scalar() {
         Some((_, ScalarStyle::Plain)) => {}

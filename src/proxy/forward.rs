@@ -378,7 +378,7 @@ impl FloodwallProxy {
         }
         // Outgoing-call limits of the backend (`backends.*.limits`): wait for
         // a turn, at most `max_wait` and never past the route's deadline.
-        let _call = match active.admission.pacer(bidx) {
+        let call = match active.admission.pacer(bidx) {
             None => None,
             Some(pacer) => {
                 let limit = deadline.map_or(Duration::MAX, |d| {
@@ -447,6 +447,25 @@ impl FloodwallProxy {
             outcome,
             report.header_latency.map(|d| d.as_secs_f64()),
         );
+        // The adaptive in-flight limit (`limits.adaptive`) learns from the
+        // time to the response header, or to the timeout.
+        if let Some(call) = &call {
+            let latency = match outcome {
+                "ok" => report.header_latency,
+                "timeout" => Some(started.elapsed()),
+                _ => None,
+            };
+            if let Some((limit, changed)) = latency.and_then(|l| call.record_latency(l)) {
+                self.shared
+                    .admission_metrics
+                    .adaptive_limit
+                    .with_label_values(&[&backend_cfg.name])
+                    .set(i64::from(limit));
+                if changed {
+                    tracing::info!(backend = %backend_cfg.name, limit, "adaptive in-flight limit changed");
+                }
+            }
+        }
         let mut answer = match attempt {
             Ok(a) => a,
             Err(r) => {

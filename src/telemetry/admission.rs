@@ -18,6 +18,8 @@ pub struct AdmissionMetrics {
     pub queued_seconds: HistogramVec,
     /// Requests refused by admission, by route and cause.
     pub sheds: IntCounterVec,
+    /// The adaptive in-flight cap of a backend (`limits.adaptive`).
+    pub adaptive_limit: IntGaugeVec,
 }
 
 impl AdmissionMetrics {
@@ -101,6 +103,13 @@ impl AdmissionMetrics {
                 ),
                 &["route", "cause"],
             )?,
+            adaptive_limit: IntGaugeVec::new(
+                Opts::new(
+                    "floodwall_backend_adaptive_limit",
+                    "The adaptive in-flight limit of a backend (limits.adaptive), by backend",
+                ),
+                &["backend"],
+            )?,
         })
     }
 
@@ -115,6 +124,7 @@ impl AdmissionMetrics {
         r.register(Box::new(self.queue_depth.clone()))?;
         r.register(Box::new(self.queued_seconds.clone()))?;
         r.register(Box::new(self.sheds.clone()))?;
+        r.register(Box::new(self.adaptive_limit.clone()))?;
         Ok(())
     }
 }

@@ -1236,3 +1236,104 @@ async fn soak_with_disconnects_cuts_and_a_reload_leaves_every_gauge_at_0_and_rss
         "RSS grew from {warm} KiB to {after} KiB (allowed +{allowed} KiB)"
     );
 }
+
+/// The backend's entry in the `admission` section of `/admin/status`.
+async fn backend_status(fw: &Floodwall, backend: &str) -> Value {
+    let adm = admission(fw).await;
+    adm["backends"]
+        .as_array()
+        .and_then(|a| a.iter().find(|b| b["backend"] == backend))
+        .cloned()
+        .unwrap_or_else(|| panic!("no backend {backend} in {adm}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adaptive_limit_shrinks_as_backend_latency_rises_and_grows_back_when_it_recovers() {
+    use std::sync::atomic::AtomicBool;
+    let mock = start_mock().await;
+    mock.set_defaults(FaultScript::parse("latency=20ms").unwrap());
+    let routes = "  - name: llm\n    match: { path_prefix: / }\n    backend: main\n";
+    let limits = "    limits: { max_wait: 20s, adaptive: { min: 1, max: 8, window: 200ms, tolerance: 3 } }\n";
+    let fw = Floodwall::start(&adm_policy(&mock, "", limits, routes)).await;
+    assert_eq!(backend_status(&fw, "main").await["adaptive_limit"], 8);
+
+    // Eight clients call back to back until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (addr, stop, failures) = (fw.addr, stop.clone(), failures.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                    let r = get(addr, &[]).await;
+                    if r.status != 200 {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{} {}", r.status, r.text()));
+                    }
+                }
+            })
+        })
+        .collect();
+    let limit = |fw: &Floodwall| {
+        let fw_admin = fw.admin;
+        async move {
+            let r = Client::new().get(fw_admin, "/admin/status").await;
+            let adm = r.json()["admission"].clone();
+            adm["backends"][0]["adaptive_limit"].as_u64().unwrap()
+        }
+    };
+
+    // Healthy: the limit stays near its max.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let healthy = limit(&fw).await;
+    assert!(healthy >= 6, "limit {healthy} at a steady 20 ms");
+
+    // Ten times slower: the limit comes down, and the backend sees fewer
+    // calls at once.
+    mock.set_defaults(FaultScript::parse("latency=200ms").unwrap());
+    eventually(
+        "the limit to shrink to 2 or less",
+        Duration::from_secs(15),
+        || async { (limit(&fw).await <= 2).then_some(()) },
+    )
+    .await;
+    let st = backend_status(&fw, "main").await;
+    assert!(
+        st["in_flight"].as_u64().unwrap() <= 2,
+        "calls running above the limit: {st}"
+    );
+    assert!(
+        st["queued"].as_u64().unwrap() >= 4,
+        "the others wait their turn: {st}"
+    );
+    let m = fw.metrics().await;
+    assert!(
+        metric(&m, r#"floodwall_backend_adaptive_limit{backend="main"}"#).is_some_and(|v| v <= 2.0),
+        "{m}"
+    );
+
+    // Healthy again: the limit grows back.
+    mock.set_defaults(FaultScript::parse("latency=20ms").unwrap());
+    eventually(
+        "the limit to grow back to 6 or more",
+        Duration::from_secs(20),
+        || async { (limit(&fw).await >= 6).then_some(()) },
+    )
+    .await;
+
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        tokio::time::timeout(Duration::from_secs(30), c)
+            .await
+            .expect("clients stop")
+            .unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "every call waited its turn and succeeded: {failures:?}"
+    );
+}

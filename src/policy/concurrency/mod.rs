@@ -97,6 +97,7 @@
 //! share, and requests admitted then are counted in Redis only once a
 //! renewal finds room for them.
 
+pub mod adaptive;
 pub(crate) mod identity;
 mod lease;
 mod limiter;

@@ -25,6 +25,11 @@
 //! its outcome; a [`CallPermit`] holds its `max_in_flight` place until
 //! dropped.
 //!
+//! **Adaptive limit.** With `limits.adaptive`, a [`Gradient`] moves the
+//! in-flight cap between its `min` and `max` from the calls' times to
+//! their response headers ([`CallPermit::record_latency`]); the cap in
+//! force is the lower of it and `max_in_flight`.
+//!
 //! **Reloads.** [`Pacer::reconfigure`] keeps the in-flight count and the
 //! start log. The log holds only the last `per_minute` starts (none when
 //! `per_minute` was unset), so raising `per_minute`, or setting it where it
@@ -37,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use super::adaptive::{AdaptiveConfig, Gradient};
 use super::MIN_RETRY_AFTER;
 
 /// `backends.*.limits.max_wait` when not set.
@@ -59,6 +65,8 @@ pub struct CallLimits {
     pub max_wait: Duration,
     /// Calls waiting at once (`>= 1`).
     pub max_queue: u32,
+    /// An in-flight cap that follows the backend's latency.
+    pub adaptive: Option<AdaptiveConfig>,
 }
 
 impl Default for CallLimits {
@@ -70,6 +78,7 @@ impl Default for CallLimits {
             min_spacing: Duration::ZERO,
             max_wait: DEFAULT_CALL_MAX_WAIT,
             max_queue: DEFAULT_CALL_MAX_QUEUE,
+            adaptive: None,
         }
     }
 }
@@ -218,6 +227,9 @@ struct PacerInner {
 
 struct PacerState {
     limits: CallLimits,
+    /// `limits` with the adaptive cap applied to `max_in_flight`.
+    effective: CallLimits,
+    gradient: Option<Gradient>,
     pace: PaceState,
     /// Waiting calls by ticket (arrival order), each with its wake-up.
     queue: BTreeMap<u64, Arc<Notify>>,
@@ -240,6 +252,8 @@ struct PacerCounters {
 pub struct PacerStats {
     pub in_flight: u32,
     pub max_in_flight: Option<u32>,
+    /// The adaptive cap in force (`limits.adaptive`).
+    pub adaptive_limit: Option<u32>,
     /// Calls waiting now.
     pub queued: usize,
     /// Calls started in the last 60 s (`None` without `per_minute`).
@@ -267,6 +281,29 @@ impl CallPermit {
     pub fn waited(&self) -> Duration {
         self.waited
     }
+
+    /// The call's time to its response header (or to its timeout), for the
+    /// adaptive limit. Returns the cap in force and whether this sample
+    /// changed it (it closed a window); `None` without `limits.adaptive`.
+    pub fn record_latency(&self, latency: Duration) -> Option<(u32, bool)> {
+        let mut state = self.inner.lock();
+        let state = &mut *state;
+        let gradient = state.gradient.as_mut()?;
+        let before = gradient.limit();
+        gradient.record(
+            latency,
+            state.pace.in_flight(),
+            tokio::time::Instant::now().into_std(),
+        );
+        let after = gradient.limit();
+        if after != before {
+            state.apply_gradient();
+            if after > before {
+                state.wake_head();
+            }
+        }
+        Some((after, after != before))
+    }
 }
 
 impl std::fmt::Debug for CallPermit {
@@ -287,15 +324,22 @@ impl Drop for CallPermit {
 
 impl Pacer {
     pub fn new(limits: CallLimits) -> Self {
+        let gradient = limits
+            .adaptive
+            .map(|c| Gradient::new(c, tokio::time::Instant::now().into_std()));
+        let mut state = PacerState {
+            effective: limits.clone(),
+            limits,
+            gradient,
+            pace: PaceState::new(),
+            queue: BTreeMap::new(),
+            next_ticket: 0,
+            counters: PacerCounters::default(),
+        };
+        state.apply_gradient();
         Pacer {
             inner: Arc::new(PacerInner {
-                state: Mutex::new(PacerState {
-                    limits,
-                    pace: PaceState::new(),
-                    queue: BTreeMap::new(),
-                    next_ticket: 0,
-                    counters: PacerCounters::default(),
-                }),
+                state: Mutex::new(state),
             }),
         }
     }
@@ -315,9 +359,8 @@ impl Pacer {
             let mut state = self.inner.lock();
             let state = &mut *state;
             let now = arrived.into_std();
-            if state.queue.is_empty() && state.pace.check(&state.limits, now) == Pace::Go {
-                state.pace.start(&state.limits, now);
-                state.counters.started += 1;
+            if state.queue.is_empty() && state.pace.check(&state.effective, now) == Pace::Go {
+                state.start(now);
                 return Ok(self.permit(Duration::ZERO));
             }
             let max_wait = state.limits.max_wait.min(limit);
@@ -358,14 +401,13 @@ impl Pacer {
                     .first_key_value()
                     .is_some_and(|(t, _)| *t == ticket);
                 let pace = if is_head {
-                    state.pace.check(&state.limits, now.into_std())
+                    state.pace.check(&state.effective, now.into_std())
                 } else {
                     Pace::Full
                 };
                 if pace == Pace::Go {
                     state.queue.remove(&ticket);
-                    state.pace.start(&state.limits, now.into_std());
-                    state.counters.started += 1;
+                    state.start(now.into_std());
                     state.counters.started_after_wait += 1;
                     entry.settled = true;
                     // The next waiter computes its own turn.
@@ -395,7 +437,16 @@ impl Pacer {
     /// Applies reloaded limits, keeping the running calls and the start log.
     pub fn reconfigure(&self, limits: CallLimits) {
         let mut state = self.inner.lock();
+        state.gradient = match (state.gradient.take(), limits.adaptive) {
+            (_, None) => None,
+            (Some(mut g), Some(c)) => {
+                g.reconfigure(c);
+                Some(g)
+            }
+            (None, Some(c)) => Some(Gradient::new(c, tokio::time::Instant::now().into_std())),
+        };
         state.limits = limits;
+        state.apply_gradient();
         state.wake_head();
     }
 
@@ -416,6 +467,7 @@ impl Pacer {
         PacerStats {
             in_flight: state.pace.in_flight(),
             max_in_flight: state.limits.max_in_flight,
+            adaptive_limit: state.gradient.as_ref().map(Gradient::limit),
             queued: state.queue.len(),
             started_last_minute: state
                 .limits
@@ -457,6 +509,25 @@ impl PacerInner {
 }
 
 impl PacerState {
+    /// Recompute the limits in force from the policy's and the adaptive cap.
+    fn apply_gradient(&mut self) {
+        self.effective = self.limits.clone();
+        if let Some(g) = &self.gradient {
+            let cap = g.limit();
+            self.effective.max_in_flight =
+                Some(self.limits.max_in_flight.map_or(cap, |m| m.min(cap)));
+        }
+    }
+
+    /// Records a start in the pace and the adaptive limit.
+    fn start(&mut self, now: Instant) {
+        self.pace.start(&self.effective, now);
+        self.counters.started += 1;
+        if let Some(g) = self.gradient.as_mut() {
+            g.started(self.pace.in_flight());
+        }
+    }
+
     /// Wakes the head of the queue so it re-checks its turn.
     fn wake_head(&self) {
         if let Some((_, wake)) = self.queue.first_key_value() {
@@ -471,7 +542,7 @@ impl PacerState {
         }
         UpstreamQuota {
             cause,
-            retry_after: self.pace.retry_after(&self.limits, now),
+            retry_after: self.pace.retry_after(&self.effective, now),
             waited,
         }
     }

@@ -502,6 +502,7 @@ fn call_limits(in_flight: Option<u32>, per_minute: Option<u32>, spacing_ms: u64)
         min_spacing: Duration::from_millis(spacing_ms),
         max_wait: 10 * SEC,
         max_queue: 100,
+        adaptive: None,
     }
 }
 
@@ -791,4 +792,63 @@ fn futures_and_guards_are_send() {
     send_sync::<CallPermit>();
     send_sync::<crate::policy::streams::StreamSlot>();
     send_sync::<Admission>();
+}
+
+#[tokio::test(start_paused = true)]
+async fn pacer_adaptive_cap_follows_latency_and_wakes_waiters_when_it_grows() {
+    use super::adaptive::AdaptiveConfig;
+    let limits = CallLimits {
+        max_wait: 60 * SEC,
+        adaptive: Some(AdaptiveConfig {
+            min: 1,
+            max: 4,
+            window: Duration::from_millis(100),
+            tolerance_pct: 150,
+        }),
+        ..CallLimits::default()
+    };
+    let pacer = Pacer::new(limits);
+    assert_eq!(pacer.stats().adaptive_limit, Some(4));
+    // Four run at once; each reports a fast header, window after window.
+    let mut permits = Vec::new();
+    for _ in 0..4 {
+        permits.push(pacer.acquire().await.expect("a place"));
+    }
+    let report = |permits: &[CallPermit], ms: u64| {
+        for p in permits {
+            p.record_latency(Duration::from_millis(ms));
+        }
+    };
+    report(&permits, 10);
+    tokio::time::advance(Duration::from_millis(100)).await;
+    report(&permits, 10); // closes the first window: baseline 10 ms
+    assert_eq!(pacer.stats().adaptive_limit, Some(4));
+    // The backend slows down 10x: the cap halves each window, to 1.
+    for expected in [2, 1, 1] {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        report(&permits, 100);
+        assert_eq!(pacer.stats().adaptive_limit, Some(expected));
+    }
+    // With the cap at 1 and four running, a fifth waits even when three end.
+    permits.truncate(1);
+    let waiter = {
+        let pacer = pacer.clone();
+        tokio::spawn(async move { pacer.acquire().await.map(|_| ()) })
+    };
+    tokio::time::advance(Duration::from_millis(10)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(pacer.stats().queued, 1, "held by the adaptive cap");
+    // Fast again, with the cap in use: it grows, and the waiter starts.
+    for _ in 0..3 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        for _ in 0..3 {
+            permits[0].record_latency(Duration::from_millis(10));
+        }
+    }
+    assert!(pacer.stats().adaptive_limit.unwrap() >= 2);
+    tokio::time::timeout(Duration::from_secs(1), waiter)
+        .await
+        .expect("the waiter started once the cap grew")
+        .unwrap()
+        .expect("a place");
 }
