@@ -393,9 +393,83 @@ fn summary(records: &[Record]) -> String {
     format!("{counts:?}")
 }
 
+/// The summary table's columns (docs/chaos.md keeps the latest table).
+const TABLE_HEAD: &str = "| scenario | requests | ok | documented errors | stream error events | failures | latency p50 / p99 / max (ms) | after the fault |\n|---|---|---|---|---|---|---|---|";
+
+/// Print this scenario's row of the summary table, and the table of every
+/// scenario of this run that has finished so far (the last to finish
+/// prints the whole table). Rows are kept under the test target's temporary
+/// directory, one file per scenario, named by this process's id.
+fn report(scenario: &str, records: &[Record], after_fault: &str) {
+    let mut clean = std::collections::BTreeMap::<&str, usize>::new();
+    let (mut ok, mut stream, mut failures) = (0, 0, 0);
+    for r in records {
+        match &r.outcome {
+            Outcome::Ok => ok += 1,
+            Outcome::Clean(c) => *clean.entry(c.as_str()).or_default() += 1,
+            Outcome::StreamError(_) => stream += 1,
+            Outcome::Failure(_) => failures += 1,
+        }
+    }
+    let mut took: Vec<u128> = records.iter().map(|r| r.took.as_millis()).collect();
+    took.sort_unstable();
+    let pct = |p: f64| {
+        took.get(((took.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .map_or("-".to_string(), |v| v.to_string())
+    };
+    let clean = if clean.is_empty() {
+        "-".to_string()
+    } else {
+        clean
+            .iter()
+            .map(|(c, n)| format!("`{c}` {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let row = format!(
+        "| `{scenario}` | {} | {ok} | {clean} | {stream} | {failures} | {} / {} / {} | {after_fault} |",
+        records.len(),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0),
+    );
+    eprintln!("{row}");
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-summary");
+    let pid = std::process::id();
+    if std::fs::create_dir_all(&dir).is_ok()
+        && std::fs::write(dir.join(format!("{pid}-{scenario}.md")), &row).is_ok()
+    {
+        let mut rows: Vec<String> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{pid}-"))
+            })
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .collect();
+        rows.sort();
+        eprintln!(
+            "\nchaos summary ({} scenarios so far):\n{TABLE_HEAD}\n{}\n",
+            rows.len(),
+            rows.join("\n")
+        );
+    }
+}
+
 fn success_rate(records: &[&Record]) -> f64 {
     let ok = records.iter().filter(|r| r.outcome == Outcome::Ok).count();
     ok as f64 / records.len().max(1) as f64
+}
+
+/// "recovered N s after <what>" for the summary table.
+fn recovery_note(after: Option<Duration>, what: &str) -> String {
+    match after {
+        Some(d) => format!("success ≥ 95% again {:.1} s after {what}", d.as_secs_f64()),
+        None => format!("success never back to 95% after {what}"),
+    }
 }
 
 /// The first time (since the load started) from which every 500 ms window
@@ -445,10 +519,12 @@ fn family_sum(m: &str, name: &str) -> f64 {
         .sum()
 }
 
-const GAUGES: [&str; 3] = [
+const GAUGES: [&str; 4] = [
     "floodwall_requests_active",
     "floodwall_streams_active",
     "floodwall_route_in_flight",
+    // Every chaos client closes its connection after its request.
+    "floodwall_connections_active",
 ];
 
 fn assert_alive(fw: &mut Floodwall) {
@@ -558,7 +634,12 @@ async fn backend_killed_and_restarted() {
     .await
     .expect("mock restarts on the same port");
     let records = load.await.unwrap();
-    eprintln!("backend kill/restart: {}", summary(&records));
+    let rec = recovered_at(&records, restarted);
+    report(
+        "backend_killed_and_restarted",
+        &records,
+        &recovery_note(rec.map(|r| r.saturating_sub(restarted)), "the restart"),
+    );
 
     assert_all(&fw, &records, "no failures", |r| match &r.outcome {
         Outcome::Ok => true,
@@ -586,11 +667,7 @@ async fn backend_killed_and_restarted() {
         "the kill was not noticed: {}",
         summary(&records)
     );
-    let rec = recovered_at(&records, restarted).expect("success rate never recovered");
-    eprintln!(
-        "recovered {:?} after the restart (bound {BREAKER_RECOVERY:?})",
-        rec - restarted
-    );
+    let rec = rec.expect("success rate never recovered");
     assert!(
         rec <= restarted + BREAKER_RECOVERY,
         "success rate back to 95% only {:?} after the restart",
@@ -621,7 +698,15 @@ async fn backend_ten_times_slower() {
     let slow_until = t0.elapsed();
     mock.set_defaults(fast);
     let records = load.await.unwrap();
-    eprintln!("slow backend: {}", summary(&records));
+    let rec = recovered_at(&records, slow_until);
+    report(
+        "backend_ten_times_slower",
+        &records,
+        &recovery_note(
+            rec.map(|r| r.saturating_sub(slow_until)),
+            "the slowness ended",
+        ),
+    );
 
     assert_all(&fw, &records, "no failures", |r| match &r.outcome {
         Outcome::Ok => true,
@@ -643,8 +728,7 @@ async fn backend_ten_times_slower() {
         .iter()
         .filter(|r| r.at + r.took < slow_from)
         .all(|r| r.outcome == Outcome::Ok));
-    let rec = recovered_at(&records, slow_until).expect("success rate never recovered");
-    eprintln!("recovered {:?} after the slowness ended", rec - slow_until);
+    let rec = rec.expect("success rate never recovered");
     assert!(
         rec <= slow_until + total + BREAKER_RECOVERY,
         "success rate back to 95% only {:?} after the slowness ended",
@@ -689,7 +773,11 @@ async fn redis_killed_then_restarted() {
     let m_down = fw.metrics().await;
     let _redis = RedisServer::start_on(port);
     let records = load.await.unwrap();
-    eprintln!("redis kill/restart: {}", summary(&records));
+    report(
+        "redis_killed_then_restarted",
+        &records,
+        "every request succeeded through the outage (rate limit failed open, cache missed)",
+    );
 
     assert_all(&fw, &records, "every request succeeds", |r| {
         r.outcome == Outcome::Ok && r.took < deadline
@@ -767,10 +855,13 @@ async fn twenty_hot_reloads_under_load() {
         .await;
     }
     let records = load.await.unwrap();
-    eprintln!(
-        "hot reloads: {} ({:?} for 21 reloads)",
-        summary(&records),
-        t0.elapsed()
+    report(
+        "twenty_hot_reloads_under_load",
+        &records,
+        &format!(
+            "21 reloads (one invalid, refused) in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        ),
     );
     assert_all(&fw, &records, "no request failed by a reload", |r| {
         r.outcome == Outcome::Ok && r.took < deadline
@@ -914,7 +1005,11 @@ async fn malformed_traffic_at_ten_percent() {
         }
     });
     let records = run_load(fw.addr, d, deadline, make).await;
-    eprintln!("malformed: {}", summary(&records));
+    report(
+        "malformed_traffic_at_ten_percent",
+        &records,
+        "malformed requests are counted as ok when answered as documented",
+    );
     assert_all(&fw, &records, "malformed traffic handled cleanly", |r| {
         r.outcome == Outcome::Ok && r.took < deadline
     });
@@ -942,6 +1037,16 @@ async fn slow_loris_connection_is_closed_by_floodwall() {
     let bound = Duration::from_secs(15);
     let closed = slow_loris(fw.addr, Duration::from_millis(200), bound).await;
     assert_alive(&mut fw);
+    report(
+        "slow_loris_connection_is_closed_by_floodwall",
+        &[],
+        &closed.map_or("never closed".to_string(), |c| {
+            format!(
+                "closed after {:.1} s (request_header_timeout 10 s)",
+                c.as_secs_f64()
+            )
+        }),
+    );
     let closed = closed.unwrap_or_else(|| {
         panic!("floodwall kept a slow-loris connection open for {bound:?} (one header byte every 200 ms)")
     });
