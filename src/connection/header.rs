@@ -55,6 +55,35 @@ impl HeaderScan {
     }
 }
 
+/// Where the header ends within `read`, given the last bytes read before
+/// it (`tail`, at most 3: enough to finish an empty line split across
+/// reads): the number of bytes of `read` up to and including the end.
+pub fn end_in(tail: &[u8], read: &[u8]) -> Option<usize> {
+    let mut s = HeaderScan::default();
+    let tail = &tail[tail.len().saturating_sub(3)..];
+    if let Scan::Complete { .. } = s.feed(tail, usize::MAX) {
+        // The tail alone ended it: nothing of `read` is header.
+        return Some(0);
+    }
+    match s.feed(read, usize::MAX) {
+        Scan::Complete { used } => Some(used),
+        _ => None,
+    }
+}
+
+/// Keep the last bytes of what was read (for [`end_in`]).
+pub fn push_tail(tail: &mut [u8; 3], len: &mut u8, read: &[u8]) {
+    let mut joined = [0u8; 6];
+    let old = &tail[..usize::from(*len)];
+    let take = read.len().min(3);
+    joined[..old.len()].copy_from_slice(old);
+    joined[old.len()..old.len() + take].copy_from_slice(&read[read.len() - take..]);
+    let all = &joined[..old.len() + take];
+    let keep = &all[all.len().saturating_sub(3)..];
+    tail[..keep.len()].copy_from_slice(keep);
+    *len = keep.len() as u8;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +155,33 @@ mod tests {
         let req = b"GET / HTTP/1.1\r\n\r\n";
         let mut s = HeaderScan::default();
         assert_eq!(s.feed(req, req.len()), Scan::Complete { used: req.len() });
+    }
+
+    #[test]
+    fn the_end_is_found_in_a_read_from_the_tail_of_the_previous_ones() {
+        let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nBODY";
+        // (A header complete before `split` is never read past: Pingora
+        // stops reading once it parses one.)
+        for split in 1..=req.len() - 4 {
+            let (a, b) = req.split_at(split);
+            let (mut tail, mut len) = ([0u8; 3], 0u8);
+            // The earlier bytes arrive in pieces of 2.
+            for piece in a.chunks(2) {
+                push_tail(&mut tail, &mut len, piece);
+            }
+            let end = req.len() - 4; // before BODY
+            let expected = if split == end {
+                Some(0)
+            } else {
+                Some(end - split)
+            };
+            assert_eq!(
+                end_in(&tail[..usize::from(len)], b),
+                expected,
+                "split at {split}"
+            );
+        }
+        assert_eq!(end_in(b"", b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
     }
 
     #[test]

@@ -5,25 +5,32 @@
 //!
 //! Pingora reads request headers itself, up to 1 MiB, with a 60 s timeout
 //! per read: a client sending one byte every 59 s holds its connection, and
-//! its buffer, for as long as it likes. [`GuardedStream`] watches the bytes
-//! of every read while a header is being received ([`HeaderScan`]) and fails
-//! the read once the header is larger than `server.max_request_header_size`
-//! or older than `server.request_header_timeout`. Pingora then shuts the
-//! connection down, and the shutdown first writes floodwall's answer (`431
+//! its buffer, for as long as it likes. [`GuardedStream`] counts the bytes
+//! of every read while a header is being received and fails the read once
+//! the header is larger than `server.max_request_header_size` or older than
+//! `server.request_header_timeout`. Pingora then shuts the connection down,
+//! and the shutdown first writes floodwall's answer (`431
 //! header_too_large`, `408 header_timeout`).
+//!
+//! Counting is enough: Pingora reads again only while the header it has is
+//! incomplete, and the proxy claims the request before any body read. So
+//! every read before the claim is all header, except the last, which may
+//! carry the start of the body; only a read that takes the count past the
+//! limit is scanned for the header's end ([`header::end_in`]), to tell a
+//! header that ends in time from one that does not. A header that arrives
+//! in one read costs an addition and a comparison: no scan, no clock.
 //!
 //! The phases of one request on the connection:
 //!
 //! - `IDLE`: between requests on a kept-alive connection. Reads pass
 //!   through; Pingora's keep-alive timeout bounds the wait. The first bytes
 //!   start a header.
-//! - `HEADER`: a header is being received. Reads are scanned; the deadline
-//!   runs from the connection's accept (first request) or, on a kept-alive
-//!   connection, from the first read that did not complete the header.
-//! - `UNCLAIMED`: the header is complete, and the proxy has not seen the
-//!   request yet. Anything Pingora writes now is its own error response (a
-//!   malformed header: 400; `CONNECT`: 405), which is replaced by
-//!   floodwall's JSON one.
+//! - `HEADER`: a header is being received (or has been, and the proxy has
+//!   not claimed it yet). Reads are counted; the deadline runs from the
+//!   connection's accept (first request) or, on a kept-alive connection,
+//!   from the first read that had to wait for more. Anything Pingora writes
+//!   now is its own error response (a malformed header: 400; `CONNECT`:
+//!   405), which is replaced by floodwall's JSON one.
 //! - `CLAIMED`: the proxy's `request_filter` has the request ([`claim`]);
 //!   everything passes through untouched until the request is over and the
 //!   connection goes back to `IDLE` ([`GuardedStream::next_request`]).
@@ -48,14 +55,13 @@ use pingora::protocols::{
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::header::{HeaderScan, Scan};
+use super::header;
 use super::{answer, Connections, Slot};
 use crate::proxy::reject::Reason;
 
 const IDLE: u8 = 0;
 const HEADER: u8 = 1;
-const UNCLAIMED: u8 = 2;
-const CLAIMED: u8 = 3;
+const CLAIMED: u8 = 2;
 
 /// How long floodwall tries to write its own answer before closing anyway.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -76,12 +82,16 @@ struct Answer {
 
 pub struct GuardedStream {
     inner: Stream,
-    /// One of `IDLE`, `HEADER`, `UNCLAIMED`, `CLAIMED`. Atomic only because
+    /// One of `IDLE`, `HEADER`, `CLAIMED`. Atomic only because
     /// the proxy claims the request through a shared reference; every
     /// access is on the connection's own task.
     phase: AtomicU8,
     limits: HeaderLimits,
-    scan: HeaderScan,
+    /// Bytes read for the header being received.
+    seen: usize,
+    /// The last bytes read, for [`header::end_in`].
+    tail: [u8; 3],
+    tail_len: u8,
     /// When the header being received must be complete. `None` until it is
     /// needed (a header that arrives in one read never reads the clock).
     deadline: Option<Instant>,
@@ -99,7 +109,7 @@ impl std::fmt::Debug for GuardedStream {
         f.debug_struct("GuardedStream")
             .field("inner", &self.inner)
             .field("phase", &self.phase.load(Ordering::Relaxed))
-            .field("scan", &self.scan)
+            .field("seen", &self.seen)
             .finish_non_exhaustive()
     }
 }
@@ -117,7 +127,9 @@ impl GuardedStream {
             inner,
             phase: AtomicU8::new(HEADER),
             limits,
-            scan: HeaderScan::default(),
+            seen: 0,
+            tail: [0; 3],
+            tail_len: 0,
             deadline: Some(Instant::now() + limits.timeout),
             timer: None,
             answer: None,
@@ -129,6 +141,11 @@ impl GuardedStream {
     /// The proxy has the request: stop watching, pass everything through.
     pub fn claim(&self) {
         self.phase.store(CLAIMED, Ordering::Relaxed);
+    }
+
+    /// Whether the proxy has claimed the request being received.
+    fn claimed(&self) -> bool {
+        self.phase.load(Ordering::Relaxed) == CLAIMED
     }
 
     /// The previous request is over (its body drained, its response
@@ -226,20 +243,29 @@ impl AsyncRead for GuardedStream {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let phase = this.phase.load(Ordering::Relaxed);
-        if phase == CLAIMED || phase == UNCLAIMED {
+        if phase == CLAIMED {
+            // The header's timer, if one was armed, has nothing left to do.
+            this.timer = None;
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Pending => {
-                if phase == HEADER && this.poll_deadline(cx) {
-                    if this.scan.seen == 0 {
-                        // Nothing sent at all: close without a word, as
-                        // for an idle keep-alive connection.
-                        this.connections.refused_silently(Reason::HeaderTimeout);
-                        return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                if phase == HEADER {
+                    if this.deadline.is_none() {
+                        // A kept-alive request's header that needs more
+                        // than one read: its time starts now.
+                        this.deadline = Some(Instant::now() + this.limits.timeout);
                     }
-                    return this.timed_out();
+                    if this.poll_deadline(cx) {
+                        if this.seen == 0 {
+                            // Nothing sent at all: close without a word, as
+                            // for an idle keep-alive connection.
+                            this.connections.refused_silently(Reason::HeaderTimeout);
+                            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                        }
+                        return this.timed_out();
+                    }
                 }
                 Poll::Pending
             }
@@ -250,32 +276,28 @@ impl AsyncRead for GuardedStream {
                 }
                 if phase == IDLE {
                     this.phase.store(HEADER, Ordering::Relaxed);
-                    this.scan = HeaderScan::default();
+                    this.seen = 0;
+                    this.tail_len = 0;
                     this.deadline = None;
                     this.timer = None;
-                } else if this.scan.seen > 0 && this.deadline.is_some_and(|d| Instant::now() >= d) {
-                    // A client trickling bytes never leaves the read pending.
+                } else if this.seen > 0 && this.deadline.is_some_and(|d| Instant::now() >= d) {
+                    // A client trickling bytes is not always caught waiting.
                     return this.timed_out();
                 }
-                match this.scan.feed(read, this.limits.max_size) {
-                    Scan::Complete { .. } => {
-                        this.phase.store(UNCLAIMED, Ordering::Relaxed);
-                        this.deadline = None;
-                        this.timer = None;
-                    }
-                    Scan::More => {
-                        if this.deadline.is_none() {
-                            this.deadline = Some(Instant::now() + this.limits.timeout);
-                        }
-                    }
-                    Scan::TooLarge => {
+                let max = this.limits.max_size;
+                if this.seen + read.len() > max {
+                    let tail = &this.tail[..usize::from(this.tail_len)];
+                    let within = this.seen <= max
+                        && header::end_in(tail, read).is_some_and(|used| this.seen + used <= max);
+                    if !within {
                         let message = format!(
-                            "the request header is larger than {} bytes (server.max_request_header_size)",
-                            this.limits.max_size
+                            "the request header is larger than {max} bytes (server.max_request_header_size)"
                         );
                         return this.refuse(Reason::HeaderTooLarge, message);
                     }
                 }
+                this.seen += read.len();
+                header::push_tail(&mut this.tail, &mut this.tail_len, read);
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -290,7 +312,7 @@ impl AsyncWrite for GuardedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.phase.load(Ordering::Relaxed) == CLAIMED && this.answer.is_none() {
+        if this.claimed() && this.answer.is_none() {
             return Pin::new(&mut this.inner).poll_write(cx, buf);
         }
         this.replace_pingora_answer(buf);
@@ -304,7 +326,7 @@ impl AsyncWrite for GuardedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.phase.load(Ordering::Relaxed) == CLAIMED && this.answer.is_none() {
+        if this.claimed() && this.answer.is_none() {
             return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         }
         let first = bufs
