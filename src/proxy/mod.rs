@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -196,15 +197,19 @@ impl FloodwallProxy {
             req.insert_header("x-forwarded-for", xff)?;
         }
         if !(trusted && req.headers.contains_key("x-forwarded-proto")) {
-            req.insert_header("x-forwarded-proto", "http")?;
+            req.insert_header("x-forwarded-proto", HeaderValue::from_static("http"))?;
         }
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
         if !upgrade {
-            if ctx.body.is_empty()
-                && !req.headers.contains_key("content-length")
-                && req.method != http::Method::POST
-            {
+            let length = req.headers.get_all(http::header::CONTENT_LENGTH);
+            let mut lengths = length.iter();
+            let sent = lengths.next();
+            if ctx.body.is_empty() && sent.is_none() && req.method != http::Method::POST {
                 // no body, no framing header
+            } else if lengths.next().is_none()
+                && sent.is_some_and(|v| is_decimal(v.as_bytes(), ctx.body.len()))
+            {
+                // The client's one Content-Length already says it.
             } else {
                 req.insert_header("content-length", ctx.body.len().to_string())?;
             }
@@ -255,6 +260,21 @@ fn too_large(len: u64, max: usize) -> Reject {
     )
 }
 
+/// `v` is exactly `n` written in decimal (no sign, spaces or leading zeros).
+fn is_decimal(v: &[u8], n: usize) -> bool {
+    let mut rest = n;
+    for (i, &b) in v.iter().enumerate().rev() {
+        if !b.is_ascii_digit() || usize::from(b - b'0') != rest % 10 {
+            return false;
+        }
+        rest /= 10;
+        if rest == 0 {
+            return i == 0;
+        }
+    }
+    false
+}
+
 fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
     session
         .client_addr()
@@ -285,7 +305,7 @@ impl ProxyHttp for FloodwallProxy {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        Ctx::new()
+        Box::new(ctx::CtxData::new())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
@@ -593,5 +613,29 @@ fn body_reject(e: BodyError) -> Reject {
     match e {
         BodyError::InvalidJson(_) => Reject::new(Reason::InvalidJson, e.to_string()),
         BodyError::TooLarge(_) => Reject::new(Reason::RequestTooLarge, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_decimal;
+
+    #[test]
+    fn content_length_matches_only_its_exact_decimal_form() {
+        assert!(is_decimal(b"0", 0));
+        assert!(is_decimal(b"225", 225));
+        assert!(is_decimal(b"1000000", 1_000_000));
+        for (v, n) in [
+            (&b""[..], 0),
+            (b"00", 0),
+            (b"0225", 225),
+            (b"1225", 225),
+            (b"25", 225),
+            (b"+225", 225),
+            (b" 225", 225),
+            (b"2a5", 225),
+        ] {
+            assert!(!is_decimal(v, n), "{:?} {n}", String::from_utf8_lossy(v));
+        }
     }
 }
