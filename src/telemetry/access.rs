@@ -143,24 +143,41 @@ pub fn format(line: &AccessLine<'_>, format: LogFormat, timestamp: &str) -> Stri
             o.push('}');
         }
         LogFormat::Text => {
-            let _ = write!(
-                o,
-                "{timestamp}  INFO access: request_id={} method={} route={} backend={} status={} latency_ms={:.3} attempts={} bytes_in={} bytes_out={}",
-                line.request_id, line.method, line.route, line.backend, line.status, line.latency_ms, line.attempts, line.bytes_in, line.bytes_out
-            );
+            o.push_str(timestamp);
             for (k, v) in [
-                ("trace_id", line.trace_id),
-                ("reason", line.reason),
-                ("stream_end", line.stream_end),
-                ("user", line.user),
-                ("usage", line.usage),
+                ("  INFO access: request_id=", line.request_id),
+                (" method=", line.method),
+                (" route=", line.route),
+                (" backend=", line.backend),
+            ] {
+                o.push_str(k);
+                o.push_str(v);
+            }
+            o.push_str(" status=");
+            push_u64(&mut o, u64::from(line.status));
+            o.push_str(" latency_ms=");
+            push_ms(&mut o, line.latency_ms);
+            o.push_str(" attempts=");
+            push_u64(&mut o, u64::from(line.attempts));
+            o.push_str(" bytes_in=");
+            push_u64(&mut o, line.bytes_in);
+            o.push_str(" bytes_out=");
+            push_u64(&mut o, line.bytes_out);
+            for (k, v) in [
+                (" trace_id=", line.trace_id),
+                (" reason=", line.reason),
+                (" stream_end=", line.stream_end),
+                (" user=", line.user),
+                (" usage=", line.usage),
             ] {
                 if !v.is_empty() {
-                    let _ = write!(o, " {k}={v}");
+                    o.push_str(k);
+                    o.push_str(v);
                 }
             }
             if line.tokens > 0 {
-                let _ = write!(o, " tokens={}", line.tokens);
+                o.push_str(" tokens=");
+                push_u64(&mut o, line.tokens);
             }
             if !line.error.is_empty() {
                 let _ = write!(o, " error={:?}", line.error);
@@ -297,6 +314,20 @@ mod tests {
         assert_eq!(v["bytes_out"], 1u64 << 40);
         assert_eq!(v["attempts"], 1);
         assert_eq!(v["tokens"], 0);
+    }
+
+    #[test]
+    fn text_line_is_exact() {
+        let mut l = line();
+        l.tokens = 42;
+        l.error = "boom \"x\"";
+        l.trace_id = "t1";
+        assert_eq!(
+            format(&l, LogFormat::Text, "T"),
+            "T  INFO access: request_id=abc method=POST route=chat backend=mock status=200 \
+             latency_ms=1.500 attempts=1 bytes_in=10 bytes_out=20 trace_id=t1 \
+             stream_end=complete user=u\"1 tokens=42 error=\"boom \\\"x\\\"\""
+        );
     }
 
     #[test]
