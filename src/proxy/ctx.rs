@@ -42,7 +42,7 @@ pub struct CtxData {
     /// Any byte of the response went to the client.
     pub response_started: bool,
     pub attempts: u32,
-    pub backend: Option<String>,
+    pub backend: Option<Arc<str>>,
     /// The endpoint of `backend` picked for Pingora's own (WebSocket) path.
     pub endpoint: Option<usize>,
     pub bytes_in: u64,

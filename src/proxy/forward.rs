@@ -219,7 +219,7 @@ impl FloodwallProxy {
                 };
                 prev_endpoint = Some(endpoint);
                 ctx.attempts += 1;
-                ctx.backend = Some(backend_cfg.name.clone());
+                ctx.backend = Some(backend.name.clone());
 
                 let step = self
                     .attempt(

@@ -75,7 +75,10 @@ pub fn forwarded_for(
 ) -> Option<String> {
     let peer = peer?;
     let mut out = String::with_capacity(48);
-    if let Some(chain) = existing.map(str::trim).filter(|c| peer_trusted && !c.is_empty()) {
+    if let Some(chain) = existing
+        .map(str::trim)
+        .filter(|c| peer_trusted && !c.is_empty())
+    {
         out.push_str(chain);
         out.push_str(", ");
     }
@@ -157,7 +160,8 @@ pub fn new_request_id() -> String {
             *d = HEX[(n >> (60 - 4 * i) & 0xf) as usize];
         }
     }
-    id.iter().map(|&b| char::from(b)).collect()
+    // Only ASCII hex digits were written.
+    String::from_utf8(id.to_vec()).unwrap_or_default()
 }
 
 /// CORS headers for a response to `origin`, if that origin is allowed.
@@ -276,9 +280,18 @@ mod tests {
 
     #[test]
     fn xff_ip_written_as_display_writes_it() {
-        for ip in ["0.0.0.0", "10.1.2.3", "100.20.9.255", "::1", "2001:db8::8a2e:370:7334"] {
+        for ip in [
+            "0.0.0.0",
+            "10.1.2.3",
+            "100.20.9.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ] {
             let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(forwarded_for(None, Some(ip), false).unwrap(), ip.to_string());
+            assert_eq!(
+                forwarded_for(None, Some(ip), false).unwrap(),
+                ip.to_string()
+            );
         }
     }
 
@@ -287,9 +300,14 @@ mod tests {
         for _ in 0..100 {
             let id = new_request_id();
             assert_eq!(id.len(), 32);
-            assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
             let (hi, lo) = id.split_at(16);
-            let (hi, lo) = (u64::from_str_radix(hi, 16).unwrap(), u64::from_str_radix(lo, 16).unwrap());
+            let (hi, lo) = (
+                u64::from_str_radix(hi, 16).unwrap(),
+                u64::from_str_radix(lo, 16).unwrap(),
+            );
             assert_eq!(id, format!("{hi:016x}{lo:016x}"));
         }
     }

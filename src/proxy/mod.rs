@@ -120,13 +120,25 @@ impl FloodwallProxy {
                 )
             })?;
         }
+        // A body that arrives in one chunk (the common case) is kept as
+        // Pingora read it; only a second chunk starts a copy.
+        let mut first: Option<Bytes> = None;
         let mut buf = BytesMut::new();
         let read = async {
             while let Some(chunk) = session.read_request_body().await? {
-                if buf.len() + chunk.len() > max {
-                    return Ok(Err(too_large((buf.len() + chunk.len()) as u64, max)));
+                let had = first.as_ref().map_or(0, Bytes::len) + buf.len();
+                if had + chunk.len() > max {
+                    return Ok(Err(too_large((had + chunk.len()) as u64, max)));
                 }
-                buf.extend_from_slice(&chunk);
+                match first.take() {
+                    None if buf.is_empty() => first = Some(chunk),
+                    None => buf.extend_from_slice(&chunk),
+                    Some(f) => {
+                        buf.reserve(f.len() + chunk.len());
+                        buf.extend_from_slice(&f);
+                        buf.extend_from_slice(&chunk);
+                    }
+                }
             }
             Ok::<_, Box<Error>>(Ok(()))
         };
@@ -143,7 +155,7 @@ impl FloodwallProxy {
                 format!("could not read the request body: {}", e.etype().as_str()),
             )),
             Ok(Ok(Err(r))) => Err(r),
-            Ok(Ok(Ok(()))) => Ok(buf.freeze()),
+            Ok(Ok(Ok(()))) => Ok(first.unwrap_or_else(|| buf.freeze())),
         }
     }
 
@@ -438,22 +450,31 @@ impl ProxyHttp for FloodwallProxy {
         // admission below are boxed so that their states (a Redis round
         // trip, a queue wait) do not stay part of the request future for the
         // whole length of a stream.
-        if let Some(sent) = Box::pin(self.admit_limits(session, ctx, &active, doc.as_ref())).await?
-        {
-            return Ok(sent);
+        // Each is called only when the route has something for it to do,
+        // so that a route without policies allocates none of their boxes.
+        if !snap.limits.rules_for(idx).is_empty() {
+            if let Some(sent) =
+                Box::pin(self.admit_limits(session, ctx, &active, doc.as_ref())).await?
+            {
+                return Ok(sent);
+            }
         }
         // The response cache: a hit or a collapsed miss is answered here
         // (boxed like the steps around it: a hit's replay, a follower's wait).
-        if let Some(sent) =
-            Box::pin(self.admit_cache(session, ctx, &active, &route, doc.as_ref())).await?
-        {
-            return Ok(sent);
+        if route.cache.is_some() {
+            if let Some(sent) =
+                Box::pin(self.admit_cache(session, ctx, &active, &route, doc.as_ref())).await?
+            {
+                return Ok(sent);
+            }
         }
         drop(doc);
 
         // Stream slots and the route's concurrency limit (may queue).
-        if let Some(sent) = Box::pin(self.admit_admission(session, ctx, &active)).await? {
-            return Ok(sent);
+        if admission::admission_applies(ctx, &active) {
+            if let Some(sent) = Box::pin(self.admit_admission(session, ctx, &active)).await? {
+                return Ok(sent);
+            }
         }
 
         self.forward(session, ctx, &active, &route).await
@@ -467,7 +488,7 @@ impl ProxyHttp for FloodwallProxy {
         let backend = &active.backends[route.backend];
         let i = backend.pick();
         ctx.endpoint = Some(i);
-        ctx.backend = Some(active.snapshot.backends[route.backend].name.clone());
+        ctx.backend = Some(backend.name.clone());
         ctx.attempts += 1;
         match backend.peer(i) {
             Some(p) => Ok(Box::new(p.clone())),
@@ -503,7 +524,7 @@ impl ProxyHttp for FloodwallProxy {
         ctx.response_started = true;
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(b) = &ctx.backend {
-            resp.insert_header("x-floodwall-backend", b.as_str())?;
+            resp.insert_header("x-floodwall-backend", &**b)?;
         }
         headers::add_cors(resp, &ctx.cors)?;
         Ok(())

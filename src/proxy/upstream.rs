@@ -34,6 +34,9 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 
 /// Per-backend state derived from the snapshot when it is loaded.
 pub struct BackendRuntime {
+    /// The backend's name, shared: every request's `Ctx` names the backend
+    /// it went to (for the access log and `x-floodwall-backend`).
+    pub name: Arc<str>,
     cursor: AtomicUsize,
     endpoints: Vec<EndpointRuntime>,
     /// The backend-wide breaker (`circuit_breaker`), if configured.
@@ -91,6 +94,7 @@ impl BackendRuntime {
             })
             .collect();
         Ok(BackendRuntime {
+            name: Arc::from(b.name.as_str()),
             cursor: AtomicUsize::new(0),
             endpoints,
             breaker: None,
@@ -173,6 +177,7 @@ impl BackendRuntime {
     /// A backend whose TLS material failed to load: every attempt fails with `why`.
     pub fn broken(b: &Backend, why: String) -> BackendRuntime {
         BackendRuntime {
+            name: Arc::from(b.name.as_str()),
             cursor: AtomicUsize::new(0),
             endpoints: b
                 .endpoints

@@ -300,7 +300,16 @@ mod tests {
             push_u64(&mut o, n);
             assert_eq!(o, n.to_string());
         }
-        for ms in [0.0, 0.0004, 0.0006, 1.5, 12.3456, 999.9996, 1234.5678, 86_400_000.25] {
+        for ms in [
+            0.0,
+            0.0004,
+            0.0006,
+            1.5,
+            12.3456,
+            999.9996,
+            1234.5678,
+            86_400_000.25,
+        ] {
             let mut o = String::new();
             push_ms(&mut o, ms);
             assert_eq!(o, format!("{ms:.3}"), "{ms}");
@@ -308,8 +317,7 @@ mod tests {
         let mut l = line();
         l.latency_ms = 12.3456;
         l.bytes_out = 1 << 40;
-        let v: serde_json::Value =
-            serde_json::from_str(&format(&l, LogFormat::Json, "T")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&format(&l, LogFormat::Json, "T")).unwrap();
         assert_eq!(v["latency_ms"], 12.346);
         assert_eq!(v["bytes_out"], 1u64 << 40);
         assert_eq!(v["attempts"], 1);
