@@ -147,7 +147,7 @@ impl FloodwallProxy {
                             h.observe(waited.as_secs_f64());
                         }
                     }
-                    ctx.slot = Some(SlotGuard { _slot: slot });
+                    ctx.slot = Some(Box::new(SlotGuard { _slot: slot }));
                 }
                 Err(rej) => {
                     let retry = rej.retry_after().as_secs_f64().ceil().max(1.0) as u64;

@@ -63,7 +63,8 @@ pub struct CtxData {
     /// The stream slot, when this is a streaming request.
     pub stream: Option<super::admission::StreamGuard>,
     /// The route's concurrency slot.
-    pub slot: Option<super::admission::SlotGuard>,
+    /// Boxed: only routes with `concurrency` take one.
+    pub slot: Option<Box<super::admission::SlotGuard>>,
     pub usage_estimated: bool,
     /// Decrements the active-requests gauge when dropped, on every path.
     pub active_guard: Option<ActiveGuard>,

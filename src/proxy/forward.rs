@@ -77,7 +77,7 @@ enum Step {
 
 fn is_sse(h: &ResponseHeader) -> bool {
     h.headers
-        .get("content-type")
+        .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }

@@ -8,6 +8,17 @@ use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::config::{Cidr, CorsConfig};
 
+/// Header names floodwall reads or writes on every request, built once:
+/// a lookup by `&str` parses and hashes the name each time.
+pub mod names {
+    use http::HeaderName;
+
+    pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+}
+
 /// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -20,6 +31,15 @@ const HOP_BY_HOP: [&str; 9] = [
     "proxy-authenticate",
     "proxy-authorization",
 ];
+
+/// `n` (lower case, as `http` keeps names) is in [`HOP_BY_HOP`]; most
+/// names are rejected by their length alone.
+fn is_hop_by_hop(n: &str) -> bool {
+    match n.len() {
+        2 | 7 | 10 | 16 | 17 | 18 | 19 => HOP_BY_HOP.contains(&n),
+        _ => false,
+    }
+}
 
 fn connection_tokens(h: &http::HeaderMap) -> Vec<String> {
     h.get_all(http::header::CONNECTION)
@@ -43,7 +63,7 @@ fn hop_by_hop_present(h: &http::HeaderMap) -> Vec<http::HeaderName> {
     h.keys()
         .filter(|name| {
             let n = name.as_str();
-            HOP_BY_HOP.contains(&n) || tokens.iter().any(|t| t == n)
+            is_hop_by_hop(n) || tokens.iter().any(|t| t == n)
         })
         .cloned()
         .collect()
@@ -248,6 +268,16 @@ pub fn preflight_headers(cors: &CorsConfig) -> Vec<(&'static str, String)> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn hop_by_hop_lengths_cover_the_list() {
+        for n in HOP_BY_HOP {
+            assert!(is_hop_by_hop(n), "{n}");
+        }
+        for n in ["content-length", "host", "x-request-id", "tea", "upgrades"] {
+            assert!(!is_hop_by_hop(n), "{n}");
+        }
+    }
 
     #[test]
     fn hop_by_hop_and_connection_tokens_are_removed() {

@@ -102,7 +102,7 @@ impl FloodwallProxy {
         if let Some(len) = session
             .req_header()
             .headers
-            .get("content-length")
+            .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
         {
@@ -203,12 +203,12 @@ impl FloodwallProxy {
         let trusted = headers::is_trusted(&active.snapshot.server.trusted_proxies, peer_ip);
         let existing = req
             .headers
-            .get("x-forwarded-for")
+            .get(headers::names::X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok());
         if let Some(xff) = headers::forwarded_for(existing, peer_ip, trusted) {
             req.insert_header("x-forwarded-for", xff)?;
         }
-        if !(trusted && req.headers.contains_key("x-forwarded-proto")) {
+        if !(trusted && req.headers.contains_key(headers::names::X_FORWARDED_PROTO)) {
             req.insert_header("x-forwarded-proto", HeaderValue::from_static("http"))?;
         }
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
@@ -246,7 +246,10 @@ impl FloodwallProxy {
             // (RFC 9112 §6.1).
             let bodiless = matches!(resp.status.as_u16(), 100..=199 | 204 | 304);
             let client_chunks = session.req_header().version >= http::Version::HTTP_11;
-            if !bodiless && client_chunks && !resp.headers.contains_key("content-length") {
+            if !bodiless
+                && client_chunks
+                && !resp.headers.contains_key(http::header::CONTENT_LENGTH)
+            {
                 resp.insert_header("transfer-encoding", "chunked")?;
             }
         }
@@ -294,18 +297,22 @@ fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
         .map(|a| a.ip())
 }
 
-fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+fn header_str<'a>(
+    req: &'a RequestHeader,
+    name: impl http::header::AsHeaderName,
+) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// An HTTP/1.1 request with `Expect: 100-continue` (RFC 9110 §10.1.1).
 fn expects_continue(req: &RequestHeader) -> bool {
     req.version == http::Version::HTTP_11
-        && header_str(req, "expect").is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+        && header_str(req, http::header::EXPECT)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
 }
 
 fn is_json_content_type(req: &RequestHeader) -> bool {
-    header_str(req, "content-type").is_some_and(|ct| {
+    header_str(req, http::header::CONTENT_TYPE).is_some_and(|ct| {
         let ct = ct.split(';').next().unwrap_or("").trim();
         ct.eq_ignore_ascii_case("application/json")
             || (ct.len() >= 5 && ct.as_bytes()[ct.len() - 5..].eq_ignore_ascii_case(b"+json"))
@@ -324,10 +331,13 @@ impl ProxyHttp for FloodwallProxy {
         ctx.in_flight = Some(self.shared.shutdown.enter());
         let active = self.shared.active();
         let req = session.req_header();
-        ctx.request_id =
-            headers::accept_request_id(req.headers.get("x-request-id").map(|v| v.as_bytes()))
-                .unwrap_or_else(headers::new_request_id);
-        ctx.trace_id = header_str(req, "traceparent")
+        ctx.request_id = headers::accept_request_id(
+            req.headers
+                .get(headers::names::X_REQUEST_ID)
+                .map(|v| v.as_bytes()),
+        )
+        .unwrap_or_else(headers::new_request_id);
+        ctx.trace_id = header_str(req, headers::names::TRACEPARENT)
             .and_then(crate::telemetry::logging::trace_id_from_traceparent)
             .map(str::to_string);
         ctx.method = crate::telemetry::metrics::method_label(&req.method);
@@ -335,7 +345,7 @@ impl ProxyHttp for FloodwallProxy {
 
         // CORS: headers on every response, and preflights answered here.
         if let Some(cors) = &snap.server.cors {
-            let origin = header_str(req, "origin");
+            let origin = header_str(req, http::header::ORIGIN);
             ctx.cors = headers::cors_headers(cors, origin);
             if req.method == http::Method::OPTIONS
                 && origin.is_some()
@@ -364,7 +374,7 @@ impl ProxyHttp for FloodwallProxy {
         // Routing.
         let found = {
             let req = session.req_header();
-            let host = header_str(req, "host").or_else(|| req.uri.host());
+            let host = header_str(req, http::header::HOST).or_else(|| req.uri.host());
             let lookup = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
             crate::routing::find(
                 &snap.routes,

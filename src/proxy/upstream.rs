@@ -503,7 +503,8 @@ pub async fn stream_body(
     let mut first_token = limits
         .first_token_due
         .filter(|_| is_sse)
-        .map(|due| (due, super::sse::SseScanner::new()));
+        // Boxed: a stream keeps this future for its whole length.
+        .map(|due| (due, Box::new(super::sse::SseScanner::new())));
     loop {
         // Wait at most `idle`, and no later than the first token is due.
         let now = Instant::now();
