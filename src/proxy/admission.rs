@@ -46,6 +46,25 @@ pub struct SlotGuard {
     _slot: Slot,
 }
 
+/// Whether [`FloodwallProxy::admit_admission`] has anything to do for this
+/// request: a stream slot, a concurrency limit, or the caller's identity
+/// for a per-identity cap. The request path skips the (boxed) call
+/// otherwise.
+pub(super) fn admission_applies(ctx: &Ctx, active: &Active) -> bool {
+    let Some(route) = ctx.route.as_ref() else {
+        return false;
+    };
+    if active.admission.route(ctx.route_index).is_none() {
+        return false;
+    }
+    ctx.llm.as_ref().is_some_and(|l| l.stream)
+        || route.concurrency.is_some()
+        || route
+            .streams
+            .as_ref()
+            .is_some_and(|s| s.per_identity.is_some())
+}
+
 impl FloodwallProxy {
     /// Stream and concurrency admission. `Ok(Some(_))` when refused (a
     /// response was sent), `Ok(None)` to go on.
@@ -128,7 +147,7 @@ impl FloodwallProxy {
                             h.observe(waited.as_secs_f64());
                         }
                     }
-                    ctx.slot = Some(SlotGuard { _slot: slot });
+                    ctx.slot = Some(Box::new(SlotGuard { _slot: slot }));
                 }
                 Err(rej) => {
                     let retry = rej.retry_after().as_secs_f64().ceil().max(1.0) as u64;

@@ -59,7 +59,9 @@ pub struct CacheCtx {
     /// An expired entry still within `stale_if_error`.
     pub stale: Option<Arc<Entry>>,
     /// Set on the request that goes upstream and may store its answer.
-    pub fill: Option<Fill>,
+    /// Boxed: the response path takes it out for the length of the body,
+    /// which would otherwise reserve its room in every request's future.
+    pub fill: Option<Box<Fill>>,
 }
 
 /// Records the upstream answer of a miss, and relays it to followers.
@@ -194,7 +196,7 @@ impl FloodwallProxy {
 
     fn start_fill(&self, ctx: &mut Ctx, leader: Option<Leader>) {
         if let Some(c) = ctx.cache.as_mut() {
-            c.fill = Some(Fill {
+            c.fill = Some(Box::new(Fill {
                 leader,
                 storable: false,
                 head: None,
@@ -203,7 +205,7 @@ impl FloodwallProxy {
                 too_big: false,
                 started: Instant::now(),
                 scanner: None,
-            });
+            }));
         }
     }
 

@@ -12,9 +12,14 @@ use crate::request::LlmFields;
 use crate::state::Active;
 use crate::telemetry::metrics::ActiveGuard;
 
-/// Large, rarely used parts are boxed: Pingora keeps the `Ctx` inside the
-/// per-request future, which is moved (copied) several times per request.
-pub struct Ctx {
+/// A request's state, boxed: Pingora keeps its `CTX` inline in the
+/// per-connection future (twice over), which it boxes, and so copies, for
+/// every request and holds for the whole length of a stream. Boxed, that is
+/// 8 bytes twice instead of the whole state twice.
+pub type Ctx = Box<CtxData>;
+
+/// Large, rarely used parts are boxed too, so that the allocation stays small.
+pub struct CtxData {
     pub start: Instant,
     pub request_id: String,
     pub trace_id: Option<String>,
@@ -37,7 +42,7 @@ pub struct Ctx {
     /// Any byte of the response went to the client.
     pub response_started: bool,
     pub attempts: u32,
-    pub backend: Option<String>,
+    pub backend: Option<Arc<str>>,
     /// The endpoint of `backend` picked for Pingora's own (WebSocket) path.
     pub endpoint: Option<usize>,
     pub bytes_in: u64,
@@ -58,7 +63,8 @@ pub struct Ctx {
     /// The stream slot, when this is a streaming request.
     pub stream: Option<super::admission::StreamGuard>,
     /// The route's concurrency slot.
-    pub slot: Option<super::admission::SlotGuard>,
+    /// Boxed: only routes with `concurrency` take one.
+    pub slot: Option<Box<super::admission::SlotGuard>>,
     pub usage_estimated: bool,
     /// Decrements the active-requests gauge when dropped, on every path.
     pub active_guard: Option<ActiveGuard>,
@@ -68,9 +74,9 @@ pub struct Ctx {
     pub cache: Option<Box<super::cache::CacheCtx>>,
 }
 
-impl Ctx {
+impl CtxData {
     pub fn new() -> Self {
-        Ctx {
+        CtxData {
             start: Instant::now(),
             request_id: String::new(),
             trace_id: None,
@@ -107,7 +113,7 @@ impl Ctx {
     }
 }
 
-impl Default for Ctx {
+impl Default for CtxData {
     fn default() -> Self {
         Self::new()
     }

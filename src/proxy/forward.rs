@@ -77,7 +77,7 @@ enum Step {
 
 fn is_sse(h: &ResponseHeader) -> bool {
     h.headers
-        .get("content-type")
+        .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }
@@ -219,7 +219,7 @@ impl FloodwallProxy {
                 };
                 prev_endpoint = Some(endpoint);
                 ctx.attempts += 1;
-                ctx.backend = Some(backend_cfg.name.clone());
+                ctx.backend = Some(backend.name.clone());
 
                 let step = self
                     .attempt(
@@ -289,7 +289,7 @@ impl FloodwallProxy {
                                 return self
                                     .commit(
                                         session, ctx, route, backend, &h.backend, h.answer, h.resp,
-                                        h.held, None, None,
+                                        h.held, None,
                                     )
                                     .await;
                             }
@@ -359,10 +359,6 @@ impl FloodwallProxy {
         permits: Permits,
     ) -> Result<Step> {
         let backend_cfg = &active.snapshot.backends[bidx];
-        let mut header = self.upstream_request(session, ctx, route, active)?;
-        if body.len() != ctx.body.len() {
-            header.insert_header("content-length", body.len().to_string())?;
-        }
         let mut headers_timeout = route
             .timeouts
             .response_headers
@@ -409,6 +405,15 @@ impl FloodwallProxy {
                     }
                 }
             }
+        };
+        // Built here, in one statement with the attempt: a local would keep
+        // its room (~350 bytes) in this future for the whole stream.
+        let header = {
+            let mut h = self.upstream_request(session, ctx, route, active)?;
+            if body.len() != ctx.body.len() {
+                h.insert_header("content-length", body.len().to_string())?;
+            }
+            Box::new(h)
         };
         let mut report = AttemptReport::default();
         let started = Instant::now();
@@ -509,7 +514,6 @@ impl FloodwallProxy {
                         resp,
                         held,
                         None,
-                        None,
                     )
                     .await;
                 return Ok(Step::Done(r));
@@ -560,7 +564,7 @@ impl FloodwallProxy {
 
         // A final answer. With `first_token`, hold SSE headers until the
         // first token so that a slow start can still be retried invisibly.
-        let mut scanner = None;
+        let mut held_for_token = false;
         if is_sse(&resp) && route.timeouts.hold_for_first_token {
             if let Some(limit) = first_token {
                 let mut wait = limit.saturating_sub(started.elapsed());
@@ -575,9 +579,9 @@ impl FloodwallProxy {
                     }
                 };
                 match waited {
-                    Ok((chunks, sc)) => {
+                    Ok((chunks, _)) => {
                         held = chunks;
-                        scanner = Some(sc);
+                        held_for_token = true;
                     }
                     Err(failure) => {
                         permits.record(Some(status), true, started.elapsed());
@@ -606,13 +610,17 @@ impl FloodwallProxy {
         }
         // Not held (`hold_for_first_token: false`): the first token is still
         // due, and a late one ends the stream that has started.
-        let first_token_due = match (&scanner, first_token) {
-            (None, Some(limit)) if is_sse(&resp) => Some(started + limit),
+        let first_token_due = match (held_for_token, first_token) {
+            (false, Some(limit)) if is_sse(&resp) => Some(started + limit),
             _ => None,
         };
+        // The breakers' outcome is recorded when the body ends: a stream
+        // that breaks mid-answer counts as a failure; a client that leaves,
+        // as nothing. (Inline rather than in a wrapper async fn, which would
+        // keep a second copy of commit's arguments for the whole stream.)
         let elapsed = started.elapsed();
         let r = self
-            .commit_tracked(
+            .commit(
                 session,
                 ctx,
                 route,
@@ -621,46 +629,6 @@ impl FloodwallProxy {
                 answer,
                 resp,
                 held,
-                scanner,
-                first_token_due,
-                permits,
-                elapsed,
-            )
-            .await;
-        Ok(Step::Done(r))
-    }
-
-    /// Commit and record the breakers' outcome when the body ends: a stream
-    /// that breaks mid-answer counts as a failure; a client that leaves,
-    /// as nothing.
-    #[allow(clippy::too_many_arguments)]
-    async fn commit_tracked(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-        route: &Arc<Route>,
-        backend: &BackendRuntime,
-        backend_name: &str,
-        answer: upstream::Answer,
-        resp: Box<ResponseHeader>,
-        held: Vec<Bytes>,
-        scanner: Option<SseScanner>,
-        first_token_due: Option<Instant>,
-        permits: Permits,
-        elapsed: Duration,
-    ) -> Result<bool> {
-        let status = resp.status.as_u16();
-        let r = self
-            .commit(
-                session,
-                ctx,
-                route,
-                backend,
-                backend_name,
-                answer,
-                resp,
-                held,
-                scanner,
                 first_token_due,
             )
             .await;
@@ -671,7 +639,7 @@ impl FloodwallProxy {
             Some(StreamEnd::ClientGone) => drop(permits),
             _ => permits.record(Some(status), false, elapsed),
         }
-        r
+        Ok(Step::Done(r))
     }
 
     /// Send an upstream answer to the client: header, any body already read,
@@ -688,7 +656,6 @@ impl FloodwallProxy {
         mut answer: upstream::Answer,
         mut resp: Box<ResponseHeader>,
         held: Vec<Bytes>,
-        _scanner: Option<SseScanner>,
         first_token_due: Option<Instant>,
     ) -> Result<bool> {
         let sse = is_sse(&resp);

@@ -8,6 +8,17 @@ use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::config::{Cidr, CorsConfig};
 
+/// Header names floodwall reads or writes on every request, built once:
+/// a lookup by `&str` parses and hashes the name each time.
+pub mod names {
+    use http::HeaderName;
+
+    pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+}
+
 /// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -20,6 +31,15 @@ const HOP_BY_HOP: [&str; 9] = [
     "proxy-authenticate",
     "proxy-authorization",
 ];
+
+/// `n` (lower case, as `http` keeps names) is in [`HOP_BY_HOP`]; most
+/// names are rejected by their length alone.
+fn is_hop_by_hop(n: &str) -> bool {
+    match n.len() {
+        2 | 7 | 10 | 16 | 17 | 18 | 19 => HOP_BY_HOP.contains(&n),
+        _ => false,
+    }
+}
 
 fn connection_tokens(h: &http::HeaderMap) -> Vec<String> {
     h.get_all(http::header::CONNECTION)
@@ -43,7 +63,7 @@ fn hop_by_hop_present(h: &http::HeaderMap) -> Vec<http::HeaderName> {
     h.keys()
         .filter(|name| {
             let n = name.as_str();
-            HOP_BY_HOP.contains(&n) || tokens.iter().any(|t| t == n)
+            is_hop_by_hop(n) || tokens.iter().any(|t| t == n)
         })
         .cloned()
         .collect()
@@ -73,13 +93,46 @@ pub fn forwarded_for(
     peer: Option<IpAddr>,
     peer_trusted: bool,
 ) -> Option<String> {
-    let peer = peer?.to_string();
-    match existing {
-        Some(chain) if peer_trusted && !chain.trim().is_empty() => {
-            Some(format!("{}, {peer}", chain.trim()))
-        }
-        _ => Some(peer),
+    let peer = peer?;
+    let mut out = String::with_capacity(48);
+    if let Some(chain) = existing
+        .map(str::trim)
+        .filter(|c| peer_trusted && !c.is_empty())
+    {
+        out.push_str(chain);
+        out.push_str(", ");
     }
+    push_ip(&mut out, peer);
+    Some(out)
+}
+
+/// Append `ip` as `Display` writes it; IPv4, the common case, without the
+/// formatting machinery (which cost more than the rest of the header).
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_u8(out, octet);
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+fn push_u8(out: &mut String, n: u8) {
+    if n >= 100 {
+        out.push(char::from(b'0' + n / 100));
+    }
+    if n >= 10 {
+        out.push(char::from(b'0' + n / 10 % 10));
+    }
+    out.push(char::from(b'0' + n % 10));
 }
 
 /// An incoming `X-Request-ID` is accepted when it is 1..=128 visible ASCII
@@ -120,7 +173,15 @@ pub fn random_u64() -> u64 {
 
 /// A new 32-hex-digit request id.
 pub fn new_request_id() -> String {
-    format!("{:016x}{:016x}", random_u64(), random_u64())
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    for (half, n) in id.chunks_exact_mut(16).zip([random_u64(), random_u64()]) {
+        for (i, d) in half.iter_mut().enumerate() {
+            *d = HEX[(n >> (60 - 4 * i) & 0xf) as usize];
+        }
+    }
+    // Only ASCII hex digits were written.
+    String::from_utf8(id.to_vec()).unwrap_or_default()
 }
 
 /// CORS headers for a response to `origin`, if that origin is allowed.
@@ -209,6 +270,16 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn hop_by_hop_lengths_cover_the_list() {
+        for n in HOP_BY_HOP {
+            assert!(is_hop_by_hop(n), "{n}");
+        }
+        for n in ["content-length", "host", "x-request-id", "tea", "upgrades"] {
+            assert!(!is_hop_by_hop(n), "{n}");
+        }
+    }
+
+    #[test]
     fn hop_by_hop_and_connection_tokens_are_removed() {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.insert_header("connection", "keep-alive, x-secret")
@@ -235,6 +306,40 @@ mod tests {
             "10.1.2.3"
         );
         assert_eq!(forwarded_for(None, Some(ip), true).unwrap(), "10.1.2.3");
+    }
+
+    #[test]
+    fn xff_ip_written_as_display_writes_it() {
+        for ip in [
+            "0.0.0.0",
+            "10.1.2.3",
+            "100.20.9.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(
+                forwarded_for(None, Some(ip), false).unwrap(),
+                ip.to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn request_ids_are_two_u64_in_hex() {
+        for _ in 0..100 {
+            let id = new_request_id();
+            assert_eq!(id.len(), 32);
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            let (hi, lo) = id.split_at(16);
+            let (hi, lo) = (
+                u64::from_str_radix(hi, 16).unwrap(),
+                u64::from_str_radix(lo, 16).unwrap(),
+            );
+            assert_eq!(id, format!("{hi:016x}{lo:016x}"));
+        }
     }
 
     #[test]

@@ -321,11 +321,10 @@ impl FloodwallProxy {
                 }
             }
         }
-        if let Err(e) = self
-            .shared
-            .limiter
-            .reconcile(reservation, usage, now_ms())
-            .await
+        // Boxed: `logging` awaits this for every request, and Pingora boxes
+        // that future each time; inline, a store round trip's state would
+        // make every request's box bigger, reservation or not.
+        if let Err(e) = Box::pin(self.shared.limiter.reconcile(reservation, usage, now_ms())).await
         {
             if let Ok(c) = self
                 .shared

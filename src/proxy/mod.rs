@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -101,7 +102,7 @@ impl FloodwallProxy {
         if let Some(len) = session
             .req_header()
             .headers
-            .get("content-length")
+            .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
         {
@@ -119,13 +120,25 @@ impl FloodwallProxy {
                 )
             })?;
         }
+        // A body that arrives in one chunk (the common case) is kept as
+        // Pingora read it; only a second chunk starts a copy.
+        let mut first: Option<Bytes> = None;
         let mut buf = BytesMut::new();
         let read = async {
             while let Some(chunk) = session.read_request_body().await? {
-                if buf.len() + chunk.len() > max {
-                    return Ok(Err(too_large((buf.len() + chunk.len()) as u64, max)));
+                let had = first.as_ref().map_or(0, Bytes::len) + buf.len();
+                if had + chunk.len() > max {
+                    return Ok(Err(too_large((had + chunk.len()) as u64, max)));
                 }
-                buf.extend_from_slice(&chunk);
+                match first.take() {
+                    None if buf.is_empty() => first = Some(chunk),
+                    None => buf.extend_from_slice(&chunk),
+                    Some(f) => {
+                        buf.reserve(f.len() + chunk.len());
+                        buf.extend_from_slice(&f);
+                        buf.extend_from_slice(&chunk);
+                    }
+                }
             }
             Ok::<_, Box<Error>>(Ok(()))
         };
@@ -142,7 +155,7 @@ impl FloodwallProxy {
                 format!("could not read the request body: {}", e.etype().as_str()),
             )),
             Ok(Ok(Err(r))) => Err(r),
-            Ok(Ok(Ok(()))) => Ok(buf.freeze()),
+            Ok(Ok(Ok(()))) => Ok(first.unwrap_or_else(|| buf.freeze())),
         }
     }
 
@@ -190,21 +203,25 @@ impl FloodwallProxy {
         let trusted = headers::is_trusted(&active.snapshot.server.trusted_proxies, peer_ip);
         let existing = req
             .headers
-            .get("x-forwarded-for")
+            .get(headers::names::X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok());
         if let Some(xff) = headers::forwarded_for(existing, peer_ip, trusted) {
             req.insert_header("x-forwarded-for", xff)?;
         }
-        if !(trusted && req.headers.contains_key("x-forwarded-proto")) {
-            req.insert_header("x-forwarded-proto", "http")?;
+        if !(trusted && req.headers.contains_key(headers::names::X_FORWARDED_PROTO)) {
+            req.insert_header("x-forwarded-proto", HeaderValue::from_static("http"))?;
         }
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
         if !upgrade {
-            if ctx.body.is_empty()
-                && !req.headers.contains_key("content-length")
-                && req.method != http::Method::POST
-            {
+            let length = req.headers.get_all(http::header::CONTENT_LENGTH);
+            let mut lengths = length.iter();
+            let sent = lengths.next();
+            if ctx.body.is_empty() && sent.is_none() && req.method != http::Method::POST {
                 // no body, no framing header
+            } else if lengths.next().is_none()
+                && sent.is_some_and(|v| is_decimal(v.as_bytes(), ctx.body.len()))
+            {
+                // The client's one Content-Length already says it.
             } else {
                 req.insert_header("content-length", ctx.body.len().to_string())?;
             }
@@ -229,7 +246,10 @@ impl FloodwallProxy {
             // (RFC 9112 §6.1).
             let bodiless = matches!(resp.status.as_u16(), 100..=199 | 204 | 304);
             let client_chunks = session.req_header().version >= http::Version::HTTP_11;
-            if !bodiless && client_chunks && !resp.headers.contains_key("content-length") {
+            if !bodiless
+                && client_chunks
+                && !resp.headers.contains_key(http::header::CONTENT_LENGTH)
+            {
                 resp.insert_header("transfer-encoding", "chunked")?;
             }
         }
@@ -255,6 +275,21 @@ fn too_large(len: u64, max: usize) -> Reject {
     )
 }
 
+/// `v` is exactly `n` written in decimal (no sign, spaces or leading zeros).
+fn is_decimal(v: &[u8], n: usize) -> bool {
+    let mut rest = n;
+    for (i, &b) in v.iter().enumerate().rev() {
+        if !b.is_ascii_digit() || usize::from(b - b'0') != rest % 10 {
+            return false;
+        }
+        rest /= 10;
+        if rest == 0 {
+            return i == 0;
+        }
+    }
+    false
+}
+
 fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
     session
         .client_addr()
@@ -262,18 +297,19 @@ fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
         .map(|a| a.ip())
 }
 
-fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+fn header_str(req: &RequestHeader, name: impl http::header::AsHeaderName) -> Option<&str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// An HTTP/1.1 request with `Expect: 100-continue` (RFC 9110 §10.1.1).
 fn expects_continue(req: &RequestHeader) -> bool {
     req.version == http::Version::HTTP_11
-        && header_str(req, "expect").is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+        && header_str(req, http::header::EXPECT)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
 }
 
 fn is_json_content_type(req: &RequestHeader) -> bool {
-    header_str(req, "content-type").is_some_and(|ct| {
+    header_str(req, http::header::CONTENT_TYPE).is_some_and(|ct| {
         let ct = ct.split(';').next().unwrap_or("").trim();
         ct.eq_ignore_ascii_case("application/json")
             || (ct.len() >= 5 && ct.as_bytes()[ct.len() - 5..].eq_ignore_ascii_case(b"+json"))
@@ -285,7 +321,7 @@ impl ProxyHttp for FloodwallProxy {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        Ctx::new()
+        Box::new(ctx::CtxData::new())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
@@ -293,10 +329,13 @@ impl ProxyHttp for FloodwallProxy {
         ctx.in_flight = Some(self.shared.shutdown.enter());
         let active = self.shared.active();
         let req = session.req_header();
-        ctx.request_id =
-            headers::accept_request_id(req.headers.get("x-request-id").map(|v| v.as_bytes()))
-                .unwrap_or_else(headers::new_request_id);
-        ctx.trace_id = header_str(req, "traceparent")
+        ctx.request_id = headers::accept_request_id(
+            req.headers
+                .get(headers::names::X_REQUEST_ID)
+                .map(|v| v.as_bytes()),
+        )
+        .unwrap_or_else(headers::new_request_id);
+        ctx.trace_id = header_str(req, headers::names::TRACEPARENT)
             .and_then(crate::telemetry::logging::trace_id_from_traceparent)
             .map(str::to_string);
         ctx.method = crate::telemetry::metrics::method_label(&req.method);
@@ -304,7 +343,7 @@ impl ProxyHttp for FloodwallProxy {
 
         // CORS: headers on every response, and preflights answered here.
         if let Some(cors) = &snap.server.cors {
-            let origin = header_str(req, "origin");
+            let origin = header_str(req, http::header::ORIGIN);
             ctx.cors = headers::cors_headers(cors, origin);
             if req.method == http::Method::OPTIONS
                 && origin.is_some()
@@ -333,7 +372,7 @@ impl ProxyHttp for FloodwallProxy {
         // Routing.
         let found = {
             let req = session.req_header();
-            let host = header_str(req, "host").or_else(|| req.uri.host());
+            let host = header_str(req, http::header::HOST).or_else(|| req.uri.host());
             let lookup = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
             crate::routing::find(
                 &snap.routes,
@@ -419,22 +458,31 @@ impl ProxyHttp for FloodwallProxy {
         // admission below are boxed so that their states (a Redis round
         // trip, a queue wait) do not stay part of the request future for the
         // whole length of a stream.
-        if let Some(sent) = Box::pin(self.admit_limits(session, ctx, &active, doc.as_ref())).await?
-        {
-            return Ok(sent);
+        // Each is called only when the route has something for it to do,
+        // so that a route without policies allocates none of their boxes.
+        if !snap.limits.rules_for(idx).is_empty() {
+            if let Some(sent) =
+                Box::pin(self.admit_limits(session, ctx, &active, doc.as_ref())).await?
+            {
+                return Ok(sent);
+            }
         }
         // The response cache: a hit or a collapsed miss is answered here
         // (boxed like the steps around it: a hit's replay, a follower's wait).
-        if let Some(sent) =
-            Box::pin(self.admit_cache(session, ctx, &active, &route, doc.as_ref())).await?
-        {
-            return Ok(sent);
+        if route.cache.is_some() {
+            if let Some(sent) =
+                Box::pin(self.admit_cache(session, ctx, &active, &route, doc.as_ref())).await?
+            {
+                return Ok(sent);
+            }
         }
         drop(doc);
 
         // Stream slots and the route's concurrency limit (may queue).
-        if let Some(sent) = Box::pin(self.admit_admission(session, ctx, &active)).await? {
-            return Ok(sent);
+        if admission::admission_applies(ctx, &active) {
+            if let Some(sent) = Box::pin(self.admit_admission(session, ctx, &active)).await? {
+                return Ok(sent);
+            }
         }
 
         self.forward(session, ctx, &active, &route).await
@@ -448,7 +496,7 @@ impl ProxyHttp for FloodwallProxy {
         let backend = &active.backends[route.backend];
         let i = backend.pick();
         ctx.endpoint = Some(i);
-        ctx.backend = Some(active.snapshot.backends[route.backend].name.clone());
+        ctx.backend = Some(backend.name.clone());
         ctx.attempts += 1;
         match backend.peer(i) {
             Some(p) => Ok(Box::new(p.clone())),
@@ -484,7 +532,7 @@ impl ProxyHttp for FloodwallProxy {
         ctx.response_started = true;
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(b) = &ctx.backend {
-            resp.insert_header("x-floodwall-backend", b.as_str())?;
+            resp.insert_header("x-floodwall-backend", &**b)?;
         }
         headers::add_cors(resp, &ctx.cors)?;
         Ok(())
@@ -594,5 +642,29 @@ fn body_reject(e: BodyError) -> Reject {
     match e {
         BodyError::InvalidJson(_) => Reject::new(Reason::InvalidJson, e.to_string()),
         BodyError::TooLarge(_) => Reject::new(Reason::RequestTooLarge, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_decimal;
+
+    #[test]
+    fn content_length_matches_only_its_exact_decimal_form() {
+        assert!(is_decimal(b"0", 0));
+        assert!(is_decimal(b"225", 225));
+        assert!(is_decimal(b"1000000", 1_000_000));
+        for (v, n) in [
+            (&b""[..], 0),
+            (b"00", 0),
+            (b"0225", 225),
+            (b"1225", 225),
+            (b"25", 225),
+            (b"+225", 225),
+            (b" 225", 225),
+            (b"2a5", 225),
+        ] {
+            assert!(!is_decimal(v, n), "{:?} {n}", String::from_utf8_lossy(v));
+        }
     }
 }

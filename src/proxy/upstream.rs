@@ -24,6 +24,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
 use super::reject::{Reason, Reject};
+use super::BoxFut;
 use crate::config::{Backend, Scheme};
 use crate::policy::breaker::{
     backend_key, endpoint_key, Admission, Breaker, BreakerRegistry, Permit,
@@ -34,6 +35,9 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 
 /// Per-backend state derived from the snapshot when it is loaded.
 pub struct BackendRuntime {
+    /// The backend's name, shared: every request's `Ctx` names the backend
+    /// it went to (for the access log and `x-floodwall-backend`).
+    pub name: Arc<str>,
     cursor: AtomicUsize,
     endpoints: Vec<EndpointRuntime>,
     /// The backend-wide breaker (`circuit_breaker`), if configured.
@@ -91,6 +95,7 @@ impl BackendRuntime {
             })
             .collect();
         Ok(BackendRuntime {
+            name: Arc::from(b.name.as_str()),
             cursor: AtomicUsize::new(0),
             endpoints,
             breaker: None,
@@ -173,6 +178,7 @@ impl BackendRuntime {
     /// A backend whose TLS material failed to load: every attempt fails with `why`.
     pub fn broken(b: &Backend, why: String) -> BackendRuntime {
         BackendRuntime {
+            name: Arc::from(b.name.as_str()),
             cursor: AtomicUsize::new(0),
             endpoints: b
                 .endpoints
@@ -256,7 +262,8 @@ fn load_ca(path: &std::path::Path) -> Result<Arc<pingora::protocols::tls::CaType
 
 /// Everything one attempt needs from the request.
 pub struct AttemptRequest<'a> {
-    pub header: RequestHeader,
+    /// Boxed, as Pingora takes it.
+    pub header: Box<RequestHeader>,
     pub body: &'a Bytes,
     pub response_headers_timeout: Duration,
     pub connect_timeout: Option<Duration>,
@@ -385,7 +392,7 @@ pub async fn start_attempt(
     }
     let deadline = started + req.response_headers_timeout;
     let sent = async {
-        up.write_request_header(Box::new(header)).await?;
+        up.write_request_header(header).await?;
         if !req.body.is_empty() {
             up.write_request_body(req.body.clone(), true).await?;
         }
@@ -496,7 +503,8 @@ pub async fn stream_body(
     let mut first_token = limits
         .first_token_due
         .filter(|_| is_sse)
-        .map(|due| (due, super::sse::SseScanner::new()));
+        // Boxed: a stream keeps this future for its whole length.
+        .map(|due| (due, Box::new(super::sse::SseScanner::new())));
     loop {
         // Wait at most `idle`, and no later than the first token is due.
         let now = Instant::now();
@@ -603,17 +611,27 @@ async fn broke(session: &mut Session, is_sse: bool, why: &str) -> (StreamEnd, Op
 }
 
 /// Send a final SSE event carrying an OpenAI error object with `code`.
-async fn end_with_event(session: &mut Session, is_sse: bool, why: &str, code: &str) {
-    if is_sse {
-        let body = super::reject::error_body(why, "upstream_error", code);
-        let mut event = Vec::with_capacity(body.len() + 16);
-        event.extend_from_slice(b"data: ");
-        event.extend_from_slice(&body);
-        event.extend_from_slice(b"\n\n");
-        let _ = session
-            .write_response_body(Some(Bytes::from(event)), false)
-            .await;
-    }
+///
+/// Boxed: it ends a stream once, and inline its state (a body write, ~900
+/// bytes) would be reserved in every open stream's future.
+fn end_with_event<'a>(
+    session: &'a mut Session,
+    is_sse: bool,
+    why: &'a str,
+    code: &'a str,
+) -> BoxFut<'a, ()> {
+    Box::pin(async move {
+        if is_sse {
+            let body = super::reject::error_body(why, "upstream_error", code);
+            let mut event = Vec::with_capacity(body.len() + 16);
+            event.extend_from_slice(b"data: ");
+            event.extend_from_slice(&body);
+            event.extend_from_slice(b"\n\n");
+            let _ = session
+                .write_response_body(Some(Bytes::from(event)), false)
+                .await;
+        }
+    })
 }
 
 /// Give a finished upstream session back to the pool, or close it.

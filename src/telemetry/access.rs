@@ -46,6 +46,12 @@ pub fn enabled() -> bool {
 
 fn json_str(out: &mut String, s: &str) {
     out.push('"');
+    // Most values need no escaping: copy them whole.
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -60,6 +66,38 @@ fn json_str(out: &mut String, s: &str) {
         }
     }
     out.push('"');
+}
+
+/// Append `n` in decimal, without the formatting machinery.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&buf[i..]).unwrap_or_default());
+}
+
+/// Append milliseconds with three decimals, as `{:.3}` writes them (to the
+/// microsecond, rounded half away from zero).
+fn push_ms(out: &mut String, ms: f64) {
+    if !(0.0..1e12).contains(&ms) {
+        let _ = write!(out, "{ms:.3}");
+        return;
+    }
+    let micros = (ms * 1000.0).round() as u64;
+    push_u64(out, micros / 1000);
+    out.push('.');
+    let frac = micros % 1000;
+    for d in [frac / 100, frac / 10 % 10, frac % 10] {
+        out.push(char::from(b'0' + d as u8));
+    }
 }
 
 /// Format the line (without the trailing newline).
@@ -84,35 +122,62 @@ pub fn format(line: &AccessLine<'_>, format: LogFormat, timestamp: &str) -> Stri
             ];
             for (k, v) in strs {
                 if !v.is_empty() || matches!(k, "request_id" | "route") {
-                    let _ = write!(o, ",\"{k}\":");
+                    o.push_str(",\"");
+                    o.push_str(k);
+                    o.push_str("\":");
                     json_str(&mut o, v);
                 }
             }
-            let _ = write!(
-                o,
-                ",\"status\":{},\"latency_ms\":{:.3},\"attempts\":{},\"bytes_in\":{},\"bytes_out\":{},\"tokens\":{}}}",
-                line.status, line.latency_ms, line.attempts, line.bytes_in, line.bytes_out, line.tokens
-            );
+            o.push_str(",\"status\":");
+            push_u64(&mut o, u64::from(line.status));
+            o.push_str(",\"latency_ms\":");
+            push_ms(&mut o, line.latency_ms);
+            o.push_str(",\"attempts\":");
+            push_u64(&mut o, u64::from(line.attempts));
+            o.push_str(",\"bytes_in\":");
+            push_u64(&mut o, line.bytes_in);
+            o.push_str(",\"bytes_out\":");
+            push_u64(&mut o, line.bytes_out);
+            o.push_str(",\"tokens\":");
+            push_u64(&mut o, line.tokens);
+            o.push('}');
         }
         LogFormat::Text => {
-            let _ = write!(
-                o,
-                "{timestamp}  INFO access: request_id={} method={} route={} backend={} status={} latency_ms={:.3} attempts={} bytes_in={} bytes_out={}",
-                line.request_id, line.method, line.route, line.backend, line.status, line.latency_ms, line.attempts, line.bytes_in, line.bytes_out
-            );
+            o.push_str(timestamp);
             for (k, v) in [
-                ("trace_id", line.trace_id),
-                ("reason", line.reason),
-                ("stream_end", line.stream_end),
-                ("user", line.user),
-                ("usage", line.usage),
+                ("  INFO access: request_id=", line.request_id),
+                (" method=", line.method),
+                (" route=", line.route),
+                (" backend=", line.backend),
+            ] {
+                o.push_str(k);
+                o.push_str(v);
+            }
+            o.push_str(" status=");
+            push_u64(&mut o, u64::from(line.status));
+            o.push_str(" latency_ms=");
+            push_ms(&mut o, line.latency_ms);
+            o.push_str(" attempts=");
+            push_u64(&mut o, u64::from(line.attempts));
+            o.push_str(" bytes_in=");
+            push_u64(&mut o, line.bytes_in);
+            o.push_str(" bytes_out=");
+            push_u64(&mut o, line.bytes_out);
+            for (k, v) in [
+                (" trace_id=", line.trace_id),
+                (" reason=", line.reason),
+                (" stream_end=", line.stream_end),
+                (" user=", line.user),
+                (" usage=", line.usage),
             ] {
                 if !v.is_empty() {
-                    let _ = write!(o, " {k}={v}");
+                    o.push_str(k);
+                    o.push_str(v);
                 }
             }
             if line.tokens > 0 {
-                let _ = write!(o, " tokens={}", line.tokens);
+                o.push_str(" tokens=");
+                push_u64(&mut o, line.tokens);
             }
             if !line.error.is_empty() {
                 let _ = write!(o, " error={:?}", line.error);
@@ -226,6 +291,51 @@ mod tests {
         assert_eq!(v["user"], "u\"1");
         assert_eq!(v["status"], 200);
         assert!(v.get("trace_id").is_none());
+    }
+
+    #[test]
+    fn numbers_are_written_as_the_formatter_writes_them() {
+        for n in [0, 7, 10, 99, 100, 65_535, u64::MAX] {
+            let mut o = String::new();
+            push_u64(&mut o, n);
+            assert_eq!(o, n.to_string());
+        }
+        for ms in [
+            0.0,
+            0.0004,
+            0.0006,
+            1.5,
+            12.3456,
+            999.9996,
+            1234.5678,
+            86_400_000.25,
+        ] {
+            let mut o = String::new();
+            push_ms(&mut o, ms);
+            assert_eq!(o, format!("{ms:.3}"), "{ms}");
+        }
+        let mut l = line();
+        l.latency_ms = 12.3456;
+        l.bytes_out = 1 << 40;
+        let v: serde_json::Value = serde_json::from_str(&format(&l, LogFormat::Json, "T")).unwrap();
+        assert_eq!(v["latency_ms"], 12.346);
+        assert_eq!(v["bytes_out"], 1u64 << 40);
+        assert_eq!(v["attempts"], 1);
+        assert_eq!(v["tokens"], 0);
+    }
+
+    #[test]
+    fn text_line_is_exact() {
+        let mut l = line();
+        l.tokens = 42;
+        l.error = "boom \"x\"";
+        l.trace_id = "t1";
+        assert_eq!(
+            format(&l, LogFormat::Text, "T"),
+            "T  INFO access: request_id=abc method=POST route=chat backend=mock status=200 \
+             latency_ms=1.500 attempts=1 bytes_in=10 bytes_out=20 trace_id=t1 \
+             stream_end=complete user=u\"1 tokens=42 error=\"boom \\\"x\\\"\""
+        );
     }
 
     #[test]
