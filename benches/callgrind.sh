@@ -7,7 +7,7 @@
 # TCP) is about the same for both proxies and is in benches/load.sh's CPU
 # figures instead.
 #
-#   benches/callgrind.sh [--requests N] [--policy minimal|3rules] [--no-build] [--keep]
+#   benches/callgrind.sh [--requests N] [--policy minimal|3rules] [--profile release|debug] [--no-build] [--keep]
 #
 # What it does: builds the release binaries (floodwall and examples/bare_proxy),
 # starts `floodwall mock`, then the bare proxy and floodwall (policy `minimal`:
@@ -18,29 +18,35 @@
 # (callgrind_control -z), sends N more (default 1000), dumps the counters, and
 # prints instructions per request and the ratio. Every process it started is
 # stopped by PID at the end. `--keep` keeps the callgrind files for
-# callgrind_annotate. Needs valgrind and python3 (standard library only).
+# callgrind_annotate. `--profile debug` counts the debug build instead (a
+# smoke test of the script: debug counts say nothing about release code).
+# Needs valgrind and python3 (standard library only).
 set -Eeuo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-N=1000; KIND=minimal; BUILD=1; KEEP=0
+N=1000; KIND=minimal; BUILD=1; KEEP=0; PROFILE=release
 while [ $# -gt 0 ]; do
   case "$1" in
     --requests) N=$2; shift 2 ;;
     --policy) KIND=$2; shift 2 ;;
+    --profile) PROFILE=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
 command -v valgrind >/dev/null || { echo "callgrind.sh: needs valgrind (apt-get install -y valgrind)" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "callgrind.sh: needs python3" >&2; exit 1; }
+case "$PROFILE" in release|debug) ;; *) echo "callgrind.sh: --profile takes release or debug" >&2; exit 2 ;; esac
+case "$N" in ''|*[!0-9]*|0) echo "callgrind.sh: --requests takes a whole number >= 1" >&2; exit 2 ;; esac
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 if [ "$BUILD" = 1 ]; then
-  cargo build --locked --release --bin floodwall --example bare_proxy >&2
+  flag=(--release); [ "$PROFILE" = debug ] && flag=()
+  cargo build --locked "${flag[@]+"${flag[@]}"}" --bin floodwall --example bare_proxy >&2
 fi
-FW=$TARGET_DIR/release/floodwall
-BARE=$TARGET_DIR/release/examples/bare_proxy
+FW=$TARGET_DIR/$PROFILE/floodwall
+BARE=$TARGET_DIR/$PROFILE/examples/bare_proxy
 D=$(mktemp -d /tmp/floodwall-callgrind.XXXXXX)
 PIDS=()
 cleanup() {
@@ -135,7 +141,7 @@ for t in bare floodwall; do
   total=$(callgrind_annotate "$f" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
   IR[$t]=$((total / N))
 done
-echo "policy $KIND, $N requests over one keep-alive connection (user-space instructions, callgrind):"
+echo "policy $KIND, $N requests over one keep-alive connection (user-space instructions, callgrind, $PROFILE build):"
 echo "  bare Pingora: ${IR[bare]} instructions/request"
 echo "  floodwall:    ${IR[floodwall]} instructions/request"
 awk -v f="${IR[floodwall]}" -v b="${IR[bare]}" 'BEGIN { printf "  ratio:        %.2fx\n", f / b }'
