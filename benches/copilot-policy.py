@@ -2,6 +2,7 @@
 """The research-copilot example policy, made benchmarkable (benches/load.sh).
 
     benches/copilot-policy.py EXAMPLE STORE MOCK_ADDR > policy.yaml
+    benches/copilot-policy.py --token SECRET     # a JWT for the policy's identity
 
 EXAMPLE is examples/research-copilot.yaml, STORE is `memory` or `redis`,
 MOCK_ADDR the mock backend's host:port. The output is the example, every
@@ -29,13 +30,35 @@ Nothing else changes: identity (an HS256 JWT in Authorization, secret from
 COPILOT_JWT_SECRET), the admin token from FLOODWALL_ADMIN_TOKEN, the request
 checks, streams limits, breakers, retries, fallbacks and caches of the
 other routes are the example's.
+
+`--token SECRET` prints the benchmark's caller for that identity: an HS256
+JWT signed with SECRET (at least 16 bytes), sub bench-user-1, tier premium,
+no expiry; sent as `Authorization: Bearer <token>`.
 """
 
+import base64
+import hashlib
+import hmac
+import json
 import re
 import sys
 
 
+def token(secret: str) -> str:
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def part(obj: dict) -> str:
+        return b64(json.dumps(obj, separators=(",", ":")).encode())
+
+    msg = part({"alg": "HS256", "typ": "JWT"}) + "." + part({"sub": "bench-user-1", "tier": "premium"})
+    return msg + "." + b64(hmac.new(secret.encode(), msg.encode(), hashlib.sha256).digest())
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--token":
+        print(token(sys.argv[2]))
+        return
     if len(sys.argv) != 4 or sys.argv[2] not in ("memory", "redis"):
         sys.exit(__doc__.split("\n\n")[1])
     example, store, mock = sys.argv[1:]
