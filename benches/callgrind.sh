@@ -166,11 +166,17 @@ echo "  bare Pingora: ${IR[bare]} instructions/request"
 echo "  floodwall:    ${IR[floodwall]} instructions/request"
 awk -v f="${IR[floodwall]}" -v b="${IR[bare]}" 'BEGIN { printf "  ratio:        %.2fx\n", f / b }'
 if [ "$TOP" -gt 0 ]; then
+  # Inclusive counts of floodwall's own functions (the runtime's and
+  # Pingora's frames above them include everything), one line per function.
   echo "floodwall's $TOP most expensive functions, inclusive (instructions per request):"
   callgrind_annotate --inclusive=yes "$FW_CG" 2>/dev/null \
     | awk -v n="$N" -v top="$TOP" '
-        /^-+$/ { sep++ } sep >= 3 && $1 ~ /^[0-9,]+$/ && NF >= 2 {
-          ir = $1; gsub(",", "", ir); $1 = ""; if ($2 ~ /^\(/) $2 = ""
-          printf "  %9d  %s\n", ir / n, substr($0, 1, 160); if (++k >= top) exit
+        $1 ~ /^[0-9,]+$/ && NF >= 2 && /floodwall::/ && !/=>/ {
+          ir = $1; gsub(",", "", ir); $1 = ""
+          sub(/^ +/, ""); sub(/^\( *[0-9.]+%\) */, ""); sub(/ \[[^]]*\]$/, ""); sub(/^[^ ]*\.rs:/, "")
+          # (Read to the end: exiting early would kill callgrind_annotate with SIGPIPE.)
+          if (k >= top || ($0 in seen)) next
+          seen[$0] = 1
+          printf "  %9d  %s\n", ir / n, substr($0, 1, 150); k++
         }'
 fi

@@ -131,5 +131,7 @@ start_redis() {
   die "could not start redis-server on a free port (see $WORK/redis)"
 }
 
+# A counter of the private redis-server's INFO stats, e.g. total_reads_processed.
+redis_stat() { rcli info stats | tr -d '\r' | awk -F: -v k="$1" '$1 == k { print $2 }'; }
 # Commands the private redis-server has processed so far.
-redis_cmds() { rcli info stats | tr -d '\r' | awk -F: '$1 == "total_commands_processed" { print $2 }'; }
+redis_cmds() { redis_stat total_commands_processed; }

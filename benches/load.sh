@@ -183,7 +183,7 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS_DIR=$ROOT/bench-results
 mkdir -p "$RESULTS_DIR"
 TSV=$WORK/rows.tsv
-printf 'latency_ms\trun\ttarget\tconns\trequests\tduration_us\trps\tp50_us\tp90_us\tp99_us\tmax_us\tcpu_us_per_req\tmock_cpu_us_per_req\thwm_kb\terrors\tcpu_ticks_us_per_req\tredis_cmds_per_req\tredis_cpu_us_per_req\tlimiter_store_errors\n' >"$TSV"
+printf 'latency_ms\trun\ttarget\tconns\trequests\tduration_us\trps\tp50_us\tp90_us\tp99_us\tmax_us\tcpu_us_per_req\tmock_cpu_us_per_req\thwm_kb\terrors\tcpu_ticks_us_per_req\tredis_cmds_per_req\tredis_cpu_us_per_req\tlimiter_store_errors\tredis_reads_per_req\n' >"$TSV"
 RTT_TSV=$WORK/redis-rtt.tsv
 printf 'latency_ms\trun\tp50_us\tp99_us\tavg_us\trps\n' >"$RTT_TSV"
 
@@ -249,15 +249,15 @@ rule_counts() {
 measure() {
   local lat=$1 run=$2 target=$3 addr=$4 pid=$5 mpid=$6 conns=$7 threads=$8
   local out=$WORK/wrk-$lat-$run-$target-c$conns.txt c0 c1 m0 m1 n0 n1 req dur errs status
-  local admin=${T_ADMIN[$target]:-} rules0="" rules1 k0=- k1=- r0=0 r1=0 rcmds=- rcpu=-
+  local admin=${T_ADMIN[$target]:-} rules0="" rules1 k0=- k1=- r0=0 r1=0 rcmds=- rcpu=- q0=0 q1=0 rreads=-
   local d0 x0 o0 e0 s0 d1 x1 o1 e1 s1 serr=0
   [[ $target == floodwall_copilot* ]] && rules0=$(rule_counts "$admin")
-  if [ "$target" = floodwall_copilot_redis ]; then k0=$(redis_cmds); r0=$(cpu_ns "$REDIS_PID"); fi
+  if [ "$target" = floodwall_copilot_redis ]; then k0=$(redis_cmds); q0=$(redis_stat total_reads_processed); r0=$(cpu_ns "$REDIS_PID"); fi
   reset_hwm "$pid"
   c0=$(cpu_ticks "$pid"); m0=$(cpu_ns "$mpid"); n0=$(cpu_ns "$pid")
   run_wrk "$target" "$addr" "$threads" "$conns" "$DURATION" "$out"
   n1=$(cpu_ns "$pid"); c1=$(cpu_ticks "$pid"); m1=$(cpu_ns "$mpid")
-  if [ "$target" = floodwall_copilot_redis ]; then k1=$(redis_cmds); r1=$(cpu_ns "$REDIS_PID"); fi
+  if [ "$target" = floodwall_copilot_redis ]; then k1=$(redis_cmds); q1=$(redis_stat total_reads_processed); r1=$(cpu_ns "$REDIS_PID"); fi
   req=$(field "$out" requests); dur=$(field "$out" duration_us)
   [ "${req:-0}" -gt 0 ] || die "no request completed against $target: $(tail -3 "$out")"
   status=$(field "$out" err_status)
@@ -282,6 +282,7 @@ measure() {
     if [ "$target" = floodwall_copilot_redis ]; then
       [ $((s1 - s0)) -ge "$req" ] || die "$target c=$conns: only $((s1 - s0)) rate-limit calls through Redis for $req requests"
       rcmds=$(awk -v a="$k0" -v b="$k1" -v n="$req" 'BEGIN { printf "%.2f", (b - a) / n }')
+      rreads=$(awk -v a="$q0" -v b="$q1" -v n="$req" 'BEGIN { printf "%.2f", (b - a) / n }')
       rcpu=$(awk -v a="$r0" -v b="$r1" -v n="$req" 'BEGIN { printf "%.2f", (b - a) / 1e3 / n }')
     elif [ "$s1" != "$s0" ]; then
       die "$target c=$conns: rate-limit calls through Redis without Redis"
@@ -290,12 +291,12 @@ measure() {
   awk -v lat="$lat" -v run="$run" -v t="$target" -v c="$conns" -v req="$req" -v dur="$dur" \
     -v p50="$(field "$out" p50_us)" -v p90="$(field "$out" p90_us)" -v p99="$(field "$out" p99_us)" \
     -v max="$(field "$out" max_us)" -v dc=$((c1 - c0)) -v dn=$((n1 - n0)) -v dm=$((m1 - m0)) -v tck="$CLK_TCK" \
-    -v hwm="$(hwm_kb "$pid")" -v errs="$errs" -v rcmds="$rcmds" -v rcpu="$rcpu" -v serr="$serr" 'BEGIN {
-      printf "%s\t%s\t%s\t%s\t%d\t%d\t%.1f\t%d\t%d\t%d\t%d\t%.2f\t%.2f\t%d\t%d\t%.2f\t%s\t%s\t%d\n",
+    -v hwm="$(hwm_kb "$pid")" -v errs="$errs" -v rcmds="$rcmds" -v rcpu="$rcpu" -v serr="$serr" -v rreads="$rreads" 'BEGIN {
+      printf "%s\t%s\t%s\t%s\t%d\t%d\t%.1f\t%d\t%d\t%d\t%d\t%.2f\t%.2f\t%d\t%d\t%.2f\t%s\t%s\t%d\t%s\n",
         lat, run, t, c, req, dur, req / (dur / 1e6), p50, p90, p99, max,
-        dn / 1e3 / req, dm / 1e3 / req, hwm, errs, dc * 1e6 / tck / req, rcmds, rcpu, serr }' >>"$TSV"
+        dn / 1e3 / req, dm / 1e3 / req, hwm, errs, dc * 1e6 / tck / req, rcmds, rcpu, serr, rreads }' >>"$TSV"
   tail -1 "$TSV" | awk -F'\t' '{ printf "[load] %2s ms run %s %-24s c=%-3s %7d req %8.0f req/s p50 %5d us p99 %6d us cpu %6.1f us/req rss %d KiB%s\n",
-    $1, $2, $3, $4, $5, $7, $8, $10, $12, $14, ($17 == "-") ? "" : " redis cmds/req " $17 }' >&2
+    $1, $2, $3, $4, $5, $7, $8, $10, $12, $14, ($17 == "-") ? "" : " redis cmds/req " $17 ", reads/req " $20 }' >&2
 }
 
 # measure_rtt LAT RUN: one bare Redis round trip, to set beside what the
@@ -414,14 +415,7 @@ start_floodwall() {
 # The copilot targets' identity: an HS256 JWT (sub bench-user-1, tier
 # premium, no expiry) signed with a secret made for this run.
 JWT_SECRET=$(python3 -c 'import secrets; print(secrets.token_hex(24))')
-COPILOT_TOKEN=$(python3 - "$JWT_SECRET" <<'PY'
-import base64, hashlib, hmac, json, sys
-b64 = lambda d: base64.urlsafe_b64encode(d).rstrip(b"=").decode()
-part = lambda o: b64(json.dumps(o, separators=(",", ":")).encode())
-msg = part({"alg": "HS256", "typ": "JWT"}) + "." + part({"sub": "bench-user-1", "tier": "premium"})
-print(msg + "." + b64(hmac.new(sys.argv[1].encode(), msg.encode(), hashlib.sha256).digest()))
-PY
-)
+COPILOT_TOKEN=$(python3 "$ROOT/benches/copilot-policy.py" --token "$JWT_SECRET") || die "cannot make the JWT"
 
 # start_nginx DIR MOCK_ADDR: nginx as a plain reverse proxy configured as
 # closely as it can express floodwall's policies: keep-alive upstream
@@ -636,7 +630,7 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
       r[lat, run, t, c, "p50"] = $8; r[lat, run, t, c, "p99"] = $10
       r[lat, run, t, c, "rps"] = $7; r[lat, run, t, c, "cpu"] = $12
       if ($14 > r[lat, run, t, "hwm"]) r[lat, run, t, "hwm"] = $14
-      r[lat, run, t, c, "rcmds"] = $17; r[lat, run, t, c, "rcpu"] = $18
+      r[lat, run, t, c, "rcmds"] = $17; r[lat, run, t, c, "rcpu"] = $18; r[lat, run, t, c, "rreads"] = $20
       r[lat, run, t, c, "ok"] = 1; errs += $15; serrs[t] += $19
       if (run > maxrun) maxrun = run
     }
@@ -681,7 +675,7 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
             add(k "r50", r[lat, run, t, 1, "p50"] - r[lat, run, "floodwall_copilot", 1, "p50"])
             add(k "r99", r[lat, run, t, 1, "p99"] - r[lat, run, "floodwall_copilot", 1, "p99"])
             add(k "rcpuhc", r[lat, run, t, hc, "cpu"] - r[lat, run, "floodwall_copilot", hc, "cpu"])
-            add(k "rcmds", r[lat, run, t, 1, "rcmds"]); add(k "rscpu", r[lat, run, t, hc, "rcpu"])
+            add(k "rcmds", r[lat, run, t, 1, "rcmds"]); add(k "rreads", r[lat, run, t, 1, "rreads"]); add(k "rscpu", r[lat, run, t, hc, "rcpu"])
             if ((lat, run) in rtt) add(k "rtrips", (r[lat, run, t, 1, "p50"] - r[lat, run, "floodwall_copilot", 1, "p50"]) / rtt[lat, run])
           }
         }
@@ -763,17 +757,20 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
           print "Target: with Redis, the extra cost is at most one Redis round trip per request (the decisions"
           print "are pipelined). Round trip = `redis-benchmark -c 1 PING` on the same private redis-server, once"
           print "per run; \"round trips\" = (Redis − memory added p50) ÷ the round-trip p50 of the same run."
+          print "Commands and reads per request (c=1): redis-server\047s total_commands_processed and"
+          print "total_reads_processed (INFO stats) over the requests: one read is one batch the client sent at"
+          print "once, so reads per request count the round trips a request made (pipelined commands share one)."
           print ""
-          printf "| mock latency | Redis round trip p50 / p99 (µs) | Redis − memory, p50 c=1 (µs) | Redis − memory, p99 c=1 (µs) | round trips per request (p50) | floodwall CPU µs/req added, c=%s | redis-server CPU µs/req, c=%s | Redis commands per request | verdict |\n", hc, hc
-          print "|---|---|---|---|---|---|---|---|---|"
+          printf "| mock latency | Redis round trip p50 / p99 (µs) | Redis − memory, p50 c=1 (µs) | Redis − memory, p99 c=1 (µs) | round trips per request (p50) | floodwall CPU µs/req added, c=%s | redis-server CPU µs/req, c=%s | Redis commands per request | Redis reads (round trips) per request | verdict |\n", hc, hc
+          print "|---|---|---|---|---|---|---|---|---|---|"
           hdone = 1
         }
         ok = v_med(k "r50") <= v_med(lat SUBSEP "rtt50")
-        printf "| %s ms | %s / %s | %s | %s | %s | %s | %s | %s | %s |\n", lat, stat(lat SUBSEP "rtt50", "%.1f"), stat(lat SUBSEP "rtt99", "%.1f"),
+        printf "| %s ms | %s / %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", lat, stat(lat SUBSEP "rtt50", "%.1f"), stat(lat SUBSEP "rtt99", "%.1f"),
           stat(k "r50", "%+d"), stat(k "r99", "%+d"), stat(k "rtrips", "%.2f"), stat(k "rcpuhc", "%+.1f"), stat(k "rscpu", "%.1f"),
-          stat(k "rcmds", "%.2f"), verdict(ok)
-        srow("load, mock " lat " ms", "copilot: Redis − memory, added p50 c=1 (µs); Redis PING round trip p50 (µs); commands/request",
-          stat(k "r50", "%+d") "; " stat(lat SUBSEP "rtt50", "%.1f") "; " stat(k "rcmds", "%.2f"), "≤ 1 round trip", verdict(ok))
+          stat(k "rcmds", "%.2f"), stat(k "rreads", "%.2f"), verdict(ok)
+        srow("load, mock " lat " ms", "copilot: Redis − memory, added p50 c=1 (µs); Redis PING round trip p50 (µs); Redis commands / reads (round trips) per request",
+          stat(k "r50", "%+d") "; " stat(lat SUBSEP "rtt50", "%.1f") "; " stat(k "rcmds", "%.2f") " / " stat(k "rreads", "%.2f"), "≤ 1 round trip", verdict(ok))
       }
       if (hdone) print ""
       if (errs > 0) printf "**%d request errors during the runs** (see the .tsv and the warnings on stderr).\n\n", errs

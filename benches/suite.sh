@@ -18,8 +18,10 @@
 #      (rate limits in memory and through a private Redis, breaker, retry
 #      arithmetic, cache key, memory cache hit, queue admission), 5 rounds;
 #   2. benches/callgrind.sh: instructions per request, floodwall vs bare
-#      Pingora (deterministic: one count; quick: 20 requests; skipped in
-#      quick mode when valgrind is missing);
+#      Pingora, without policies and with the research-copilot policy (the
+#      profile: floodwall's most expensive functions; deterministic: one
+#      count each; quick: 20 requests; skipped in quick mode when valgrind
+#      is missing);
 #   3. benches/load.sh: direct / bare Pingora / nginx / floodwall (no
 #      policies) / floodwall+copilot (memory) / floodwall+copilot+Redis, mock
 #      at 0 and 20 ms, c=1 (latency), c=64 and c=256 (throughput and p99),
@@ -146,13 +148,13 @@ decisions_rows() {
   ' "$1" >>"$SUMMARY"
 }
 
-# callgrind_rows FILE: instructions per request from callgrind.sh's output.
+# callgrind_rows FILE WHAT: instructions per request from callgrind.sh's output.
 callgrind_rows() {
-  awk -v profile="$PROFILE" '
-    /bare Pingora:/ { b = $3 } /floodwall:/ { f = $2 } /ratio:/ { r = $2 }
+  awk -v profile="$PROFILE" -v what="$2" '
+    /bare Pingora:/ { b = $3 } /^  floodwall:/ { f = $2 } /ratio:/ { r = $2 }
     END {
       if (b == "" || f == "") exit 1
-      printf "instructions (callgrind, %s build)\tper request, floodwall / bare Pingora (minimal policy; one deterministic count)\t%s / %s (%s)\t-\t-\n", profile, f, b, r
+      printf "instructions (callgrind, %s build)\tper request, %s / bare Pingora (one deterministic count)\t%s / %s (%s)\t-\t-\n", profile, what, f, b, r
     }' "$1" >>"$SUMMARY" || die "cannot read callgrind.sh's counts in $1"
 }
 
@@ -177,7 +179,9 @@ if [ "$MODE" = quick ]; then
   decisions_rows "${PART_FILES[-1]}"
   if [ "$CALLGRIND" = 1 ]; then
     run_part callgrind 300 benches/callgrind.sh --no-build --profile "$PROFILE" --requests 20
-    callgrind_rows "$WORK/callgrind.log"
+    callgrind_rows "$WORK/callgrind.log" "floodwall (no policies)"
+    run_part callgrind_copilot 300 benches/callgrind.sh --no-build --profile "$PROFILE" --requests 20 --policy copilot --top 5
+    callgrind_rows "$WORK/callgrind_copilot.log" "floodwall+copilot (memory)"
   fi
   run_part load 300 benches/load.sh --quick --no-build --profile "$PROFILE" --runs 1 --duration 1 \
     --latencies 0 --conns "1 64 256" --targets "$LOAD_TARGETS" --summary "$SUMMARY"
@@ -192,7 +196,9 @@ else
   fi
   decisions_rows "${PART_FILES[-1]}"
   run_part callgrind 900 benches/callgrind.sh --no-build --profile "$PROFILE" --requests 1000
-  callgrind_rows "$WORK/callgrind.log"
+  callgrind_rows "$WORK/callgrind.log" "floodwall (no policies)"
+  run_part callgrind_copilot 900 benches/callgrind.sh --no-build --profile "$PROFILE" --requests 1000 --policy copilot --top 30
+  callgrind_rows "$WORK/callgrind_copilot.log" "floodwall+copilot (memory)"
   run_part load 1500 benches/load.sh --no-build --profile "$PROFILE" --runs 5 --duration 3 \
     --latencies "0 20" --conns "1 64 256" --targets "$LOAD_TARGETS" --summary "$SUMMARY"
   run_part streams 1200 benches/streams.sh --no-build --profile "$PROFILE" --runs 5 \
@@ -237,7 +243,7 @@ done
       echo "### ${PART_NAMES[$i]} (${PART_SECS[$i]} s)"
       echo
       echo '```'
-      grep -v '^\[' "$WORK/${PART_NAMES[$i]}.log" | tail -20
+      grep -v '^\[' "$WORK/${PART_NAMES[$i]}.log" | tail -40
       echo '```'
     else
       echo "### ${PART_NAMES[$i]} (${PART_SECS[$i]} s): ${PART_FILES[$i]#"$ROOT"/}"
