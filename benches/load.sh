@@ -756,21 +756,23 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
           print ""
           print "Target: with Redis, the extra cost is at most one Redis round trip per request (the decisions"
           print "are pipelined). Round trip = `redis-benchmark -c 1 PING` on the same private redis-server, once"
-          print "per run; \"round trips\" = (Redis − memory added p50) ÷ the round-trip p50 of the same run."
+          print "per run; \"÷ round trip\" = (Redis − memory added p50) ÷ the round-trip p50 of the same run."
           print "Commands and reads per request (c=1): redis-server\047s total_commands_processed and"
           print "total_reads_processed (INFO stats) over the requests: one read is one batch the client sent at"
           print "once, so reads per request count the round trips a request made (pipelined commands share one)."
           print ""
-          printf "| mock latency | Redis round trip p50 / p99 (µs) | Redis − memory, p50 c=1 (µs) | Redis − memory, p99 c=1 (µs) | round trips per request (p50) | floodwall CPU µs/req added, c=%s | redis-server CPU µs/req, c=%s | Redis commands per request | Redis reads (round trips) per request | verdict |\n", hc, hc
+          printf "| mock latency | Redis round trip p50 / p99 (µs) | Redis − memory, p50 c=1 (µs) | Redis − memory, p99 c=1 (µs) | added p50 ÷ PING round trip | floodwall CPU µs/req added, c=%s | redis-server CPU µs/req, c=%s | Redis commands per request | Redis reads (round trips) per request | verdict: round trips ≤ 1 / added latency ≤ 1 PING round trip |\n", hc, hc
           print "|---|---|---|---|---|---|---|---|---|---|"
           hdone = 1
         }
-        ok = v_med(k "r50") <= v_med(lat SUBSEP "rtt50")
+        ok = v_med(k "r50") <= v_med(lat SUBSEP "rtt50"); okr = (n[k "rreads"] > 0 && v_med(k "rreads") <= 1.005)
         printf "| %s ms | %s / %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", lat, stat(lat SUBSEP "rtt50", "%.1f"), stat(lat SUBSEP "rtt99", "%.1f"),
           stat(k "r50", "%+d"), stat(k "r99", "%+d"), stat(k "rtrips", "%.2f"), stat(k "rcpuhc", "%+.1f"), stat(k "rscpu", "%.1f"),
-          stat(k "rcmds", "%.2f"), stat(k "rreads", "%.2f"), verdict(ok)
-        srow("load, mock " lat " ms", "copilot: Redis − memory, added p50 c=1 (µs); Redis PING round trip p50 (µs); Redis commands / reads (round trips) per request",
-          stat(k "r50", "%+d") "; " stat(lat SUBSEP "rtt50", "%.1f") "; " stat(k "rcmds", "%.2f") " / " stat(k "rreads", "%.2f"), "≤ 1 round trip", verdict(ok))
+          stat(k "rcmds", "%.2f"), stat(k "rreads", "%.2f"), verdict(okr) " / " verdict(ok)
+        srow("load, mock " lat " ms", "copilot+Redis: Redis commands / reads (round trips) per request",
+          stat(k "rcmds", "%.2f") " / " stat(k "rreads", "%.2f"), "≤ 1 round trip", verdict(okr))
+        srow("load, mock " lat " ms", "copilot+Redis: Redis − memory, added p50 c=1 (µs), beside one Redis PING round trip p50 (µs)",
+          stat(k "r50", "%+d") " vs " stat(lat SUBSEP "rtt50", "%.1f"), "≤ 1 round trip", verdict(ok))
       }
       if (hdone) print ""
       if (errs > 0) printf "**%d request errors during the runs** (see the .tsv and the warnings on stderr).\n\n", errs
