@@ -135,3 +135,7 @@ start_redis() {
 redis_stat() { rcli info stats | tr -d '\r' | awk -F: -v k="$1" '$1 == k { print $2 }'; }
 # Commands the private redis-server has processed so far.
 redis_cmds() { redis_stat total_commands_processed; }
+# "commands reads" processed so far, from one INFO (itself one of each).
+redis_counts() {
+  rcli info stats | tr -d '\r' | awk -F: '$1 == "total_commands_processed" { c = $2 } $1 == "total_reads_processed" { r = $2 } END { print c, r }'
+}

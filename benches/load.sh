@@ -252,12 +252,14 @@ measure() {
   local admin=${T_ADMIN[$target]:-} rules0="" rules1 k0=- k1=- r0=0 r1=0 rcmds=- rcpu=- q0=0 q1=0 rreads=-
   local d0 x0 o0 e0 s0 d1 x1 o1 e1 s1 serr=0
   [[ $target == floodwall_copilot* ]] && rules0=$(rule_counts "$admin")
-  if [ "$target" = floodwall_copilot_redis ]; then k0=$(redis_cmds); q0=$(redis_stat total_reads_processed); r0=$(cpu_ns "$REDIS_PID"); fi
+  # Commands and reads from one INFO each side; the INFO after the run is
+  # itself one read and one command, taken off below.
+  if [ "$target" = floodwall_copilot_redis ]; then read -r k0 q0 <<<"$(redis_counts)"; r0=$(cpu_ns "$REDIS_PID"); fi
   reset_hwm "$pid"
   c0=$(cpu_ticks "$pid"); m0=$(cpu_ns "$mpid"); n0=$(cpu_ns "$pid")
   run_wrk "$target" "$addr" "$threads" "$conns" "$DURATION" "$out"
   n1=$(cpu_ns "$pid"); c1=$(cpu_ticks "$pid"); m1=$(cpu_ns "$mpid")
-  if [ "$target" = floodwall_copilot_redis ]; then k1=$(redis_cmds); q1=$(redis_stat total_reads_processed); r1=$(cpu_ns "$REDIS_PID"); fi
+  if [ "$target" = floodwall_copilot_redis ]; then read -r k1 q1 <<<"$(redis_counts)"; r1=$(cpu_ns "$REDIS_PID"); fi
   req=$(field "$out" requests); dur=$(field "$out" duration_us)
   [ "${req:-0}" -gt 0 ] || die "no request completed against $target: $(tail -3 "$out")"
   status=$(field "$out" err_status)
@@ -281,8 +283,8 @@ measure() {
       || log "warning: $target c=$conns: $serr Redis errors in the rate limiter, $((o1 - o0)) decisions neither allowed nor limited (see the table)"
     if [ "$target" = floodwall_copilot_redis ]; then
       [ $((s1 - s0)) -ge "$req" ] || die "$target c=$conns: only $((s1 - s0)) rate-limit calls through Redis for $req requests"
-      rcmds=$(awk -v a="$k0" -v b="$k1" -v n="$req" 'BEGIN { printf "%.2f", (b - a) / n }')
-      rreads=$(awk -v a="$q0" -v b="$q1" -v n="$req" 'BEGIN { printf "%.2f", (b - a) / n }')
+      rcmds=$(awk -v a="$k0" -v b="$k1" -v n="$req" 'BEGIN { printf "%.2f", (b - a - 1) / n }')
+      rreads=$(awk -v a="$q0" -v b="$q1" -v n="$req" 'BEGIN { printf "%.2f", (b - a - 1) / n }')
       rcpu=$(awk -v a="$r0" -v b="$r1" -v n="$req" 'BEGIN { printf "%.2f", (b - a) / 1e3 / n }')
     elif [ "$s1" != "$s0" ]; then
       die "$target c=$conns: rate-limit calls through Redis without Redis"
@@ -759,13 +761,15 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
           print "per run; \"÷ round trip\" = (Redis − memory added p50) ÷ the round-trip p50 of the same run."
           print "Commands and reads per request (c=1): redis-server\047s total_commands_processed and"
           print "total_reads_processed (INFO stats) over the requests: one read is one batch the client sent at"
-          print "once, so reads per request count the round trips a request made (pipelined commands share one)."
+          print "once, so reads per request count the round trips a request made (pipelined commands share one);"
+          print "floodwall\047s background Redis calls add a few reads a second, visible at c=1 against the 20 ms"
+          print "mock (~140 requests per run): up to 1.1 reads per request counts as one round trip."
           print ""
           printf "| mock latency | Redis round trip p50 / p99 (µs) | Redis − memory, p50 c=1 (µs) | Redis − memory, p99 c=1 (µs) | added p50 ÷ PING round trip | floodwall CPU µs/req added, c=%s | redis-server CPU µs/req, c=%s | Redis commands per request | Redis reads (round trips) per request | verdict: round trips ≤ 1 / added latency ≤ 1 PING round trip |\n", hc, hc
           print "|---|---|---|---|---|---|---|---|---|---|"
           hdone = 1
         }
-        ok = v_med(k "r50") <= v_med(lat SUBSEP "rtt50"); okr = (n[k "rreads"] > 0 && v_med(k "rreads") <= 1.005)
+        ok = v_med(k "r50") <= v_med(lat SUBSEP "rtt50"); okr = (n[k "rreads"] > 0 && v_med(k "rreads") <= 1.1)
         printf "| %s ms | %s / %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", lat, stat(lat SUBSEP "rtt50", "%.1f"), stat(lat SUBSEP "rtt99", "%.1f"),
           stat(k "r50", "%+d"), stat(k "r99", "%+d"), stat(k "rtrips", "%.2f"), stat(k "rcpuhc", "%+.1f"), stat(k "rscpu", "%.1f"),
           stat(k "rcmds", "%.2f"), stat(k "rreads", "%.2f"), verdict(okr) " / " verdict(ok)
