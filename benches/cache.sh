@@ -138,42 +138,7 @@ RTT_TSV=$WORK/rtt.tsv
 printf 'run\ttarget\tconns\trequests\tduration_us\trps\tp50_us\tp90_us\tp99_us\tmax_us\tcpu_us_per_req\thwm_kb\terrors\tcpu_ticks_us_per_req\texpected\tunexpected\tredis_cpu_us_per_req\tredis_cmds_per_req\ttier_entries\n' >"$TSV"
 printf 'run\trps\tavg_us\tp50_us\tp99_us\tloop_p50_us\tloop_p99_us\tpaced_p50_us\tpaced_p99_us\n' >"$RTT_TSV"
 
-# --- helpers ----------------------------------------------------------------
-
-ready_field() { sed -n "s/.*\"$2\":\\[\\{0,1\\}\"\\([^\"]*\\)\".*/\\1/p" "$1"; }
-
-# --- Redis -------------------------------------------------------------------
-
-REDIS_PORT=""
-REDIS_PID=""
-rcli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
-
-# A private redis-server on a free port: pick a random port nobody answers
-# on, start it there, and retry on another port if it could not bind.
-start_redis() {
-  local attempt port i
-  mkdir -p "$WORK/redis"
-  for ((attempt = 1; attempt <= 10; attempt++)); do
-    port=$(( 20000 + (RANDOM * 32768 + RANDOM) % 30000 ))
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then continue; fi
-    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
-      --dir "$WORK/redis" --logfile "" >"$WORK/redis/redis-$port.log" 2>&1 &
-    REDIS_PID=$!; PIDS+=("$REDIS_PID")
-    for ((i = 0; i < 100; i++)); do
-      if ! alive "$REDIS_PID"; then break; fi
-      if [ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]; then
-        REDIS_PORT=$port
-        return 0
-      fi
-      sleep 0.1
-    done
-    stop_pid "$REDIS_PID"
-    log "redis-server could not start on port $port (see $WORK/redis/redis-$port.log); trying another"
-  done
-  die "could not start redis-server on a free port (see $WORK/redis)"
-}
-
-redis_cmds() { rcli info stats | tr -d '\r' | awk -F: '$1 == "total_commands_processed" { print $2 }'; }
+# (ready_field, start_redis, rcli and redis_cmds are in benches/lib.sh.)
 
 # --- floodwall ---------------------------------------------------------------
 

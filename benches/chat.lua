@@ -1,9 +1,17 @@
 -- wrk script for benches/load.sh: a small non-streaming OpenAI chat call,
 -- POST /v1/chat/completions with a JSON body, as an LLM SDK would send it.
 -- At the end it prints one machine-readable line (latencies in microseconds).
+-- BENCH_PATH (default /v1/chat/completions) and BENCH_AUTHORIZATION (an
+-- Authorization header; none when unset or empty) come from the environment:
+-- load.sh sets them for the copilot targets (the example's /chat route and
+-- its JWT).
 
 wrk.method = "POST"
-wrk.path = "/v1/chat/completions"
+wrk.path = os.getenv("BENCH_PATH") or "/v1/chat/completions"
+local authorization = os.getenv("BENCH_AUTHORIZATION")
+if authorization and authorization ~= "" then
+  wrk.headers["Authorization"] = authorization
+end
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Accept"] = "application/json"
 -- The caller's user id, as an app behind floodwall would send it: only the

@@ -11,6 +11,9 @@
 //! - the circuit breaker's `try_acquire` + `record` (closed), the retry
 //!   `delay()` arithmetic, the retry budget's per-request `deposit`, and SSE
 //!   scanning per chunk;
+//! - queue admission: `ConcurrencyLimiter::acquire` + the `Slot`'s drop on
+//!   an uncontended route (the copilot-agent route's limits: 10 in flight,
+//!   3 per identity, a 3-class queue), on one and two threads;
 //! - the response cache: the key of a ~1.2 KB chat body (canonical JSON +
 //!   SHA-256; benches/cache-body.json, the body benches/cache.sh sends), a
 //!   memory-tier hit and insert on a tier of 10,000 entries, a miss's flight
@@ -50,6 +53,9 @@ use floodwall::policy::cache::key::{canonical_json, Body};
 use floodwall::policy::cache::lru::Lookup;
 use floodwall::policy::cache::{
     CacheKey, CacheStoreConfig, Chunk, Entry, Flights, Join, KeyParts, MemoryTier, StoreKind,
+};
+use floodwall::policy::concurrency::{
+    ConcurrencyConfig, ConcurrencyLimiter, PriorityConfig, QueueConfig,
 };
 use floodwall::policy::identity::Identity;
 use floodwall::policy::ratelimit::{LimitRequest, Limiter, Usage};
@@ -940,6 +946,74 @@ fn main() {
             memory_op(&limiter, &strict, &fx_single, t, false, false)
         }));
 
+        // Queue admission: the copilot-agent route's limiter (10 in flight,
+        // 3 per identity, a 3-class queue of 100), uncontended: `acquire`
+        // takes the fast path (room, per-identity count) and the Slot's drop
+        // gives the place back. The identity rotates over USERS users, so
+        // the per-identity count is created and removed each time, as for a
+        // user with one request at a time.
+        let queue_config = ConcurrencyConfig {
+            max_in_flight: Some(10),
+            per_identity: Some(3),
+            queue: Some(QueueConfig {
+                max_depth: 100,
+                max_wait: Duration::from_secs(600),
+                priority: PriorityConfig {
+                    header: Some("x-priority".into()),
+                    classes: vec!["interactive".into(), "normal".into(), "batch".into()],
+                    default: 1,
+                    streaming: Some(0),
+                },
+            }),
+            shared: None,
+        };
+        let admission = ConcurrencyLimiter::new(queue_config.clone());
+        let user_ids: Vec<String> = (0..USERS).map(|u| format!("user-{u}")).collect();
+        let admit_op = |t: usize| {
+            let (admission, user_ids, priority) = (
+                &admission,
+                &user_ids,
+                &queue_config.queue.as_ref().unwrap().priority,
+            );
+            move |n: u64| {
+                let id = &user_ids[(n as usize * 2 + t) % USERS];
+                let class = priority.class_for(black_box(None), false);
+                let slot = now_or_never(admission.acquire(Some(id.as_str()), class))
+                    .expect("an uncontended admission was refused");
+                drop(black_box(slot));
+            }
+        };
+        let i = new_item(
+            &mut items,
+            "queue",
+            "queue admission: class_for + acquire + Slot drop (uncontended), 1 thread",
+        );
+        items[i].rounds.push(cpu_item(1, pass, admit_op));
+        let i = new_item(
+            &mut items,
+            "queue",
+            "queue admission: the same, 2 threads, one limiter",
+        );
+        items[i].rounds.push(cpu_item(2, pass, admit_op));
+        let i = new_item(
+            &mut items,
+            "queue",
+            "queue admission: the same, one user for every request (count kept at 1)",
+        );
+        // One slot held by the same user throughout: its interned key stays,
+        // so no allocation per admission.
+        let held = now_or_never(admission.acquire(Some("user-held"), 1)).unwrap();
+        items[i].rounds.push(cpu_item(1, pass, |_| {
+            let admission = &admission;
+            move |_| {
+                let slot = now_or_never(admission.acquire(Some("user-held"), 1))
+                    .expect("an uncontended admission was refused");
+                drop(black_box(slot));
+            }
+        }));
+        drop(held);
+        assert_eq!(admission.in_flight(), 0, "a slot was not given back");
+
         // Resilience.
         let breaker = Arc::new(Breaker::new(Arc::new(BreakerConfig::default())));
         let closed_op = |_t: usize| {
@@ -1382,7 +1456,7 @@ fn main() {
          it is included in the p50/p99 columns, not in the throughput and mean columns.\n\n",
         timer.map(fmt_num).unwrap_or_else(|| "?".into())
     );
-    let sections: [(&str, &str); 4] = [
+    let sections: [(&str, &str); 5] = [
         (
             "memory",
             "## Rate-limit decisions in memory (`Limiter::check`)",
@@ -1390,6 +1464,10 @@ fn main() {
         (
             "resilience",
             "## Retry and circuit breaker (pure arithmetic)",
+        ),
+        (
+            "queue",
+            "## Queue admission (`ConcurrencyLimiter::acquire` + `Slot` drop)",
         ),
         ("sse", "## SSE scanning (`SseScanner::feed`)"),
         (

@@ -1,6 +1,7 @@
-# Shared by the benchmark scripts (benches/load.sh, cache.sh, streams.sh):
-# logging, the PIDs a script started and their clean-up on exit, and
-# reading a process's CPU time and memory from /proc. Source it after
+# Shared by the benchmark scripts (benches/load.sh, cache.sh, streams.sh,
+# suite.sh): logging, the PIDs a script started and their clean-up on exit,
+# reading a process's CPU time and memory from /proc, where the binaries are
+# (release or debug build), and a private redis-server. Source it after
 # setting BENCH (the log tag) and KEEP (1: keep the scratch directory).
 
 log() { printf '[%s %s] %s\n' "$BENCH" "$(date +%H:%M:%S)" "$*" >&2; }
@@ -82,3 +83,59 @@ cpu_ticks() {
 cpu_ns() { cat "/proc/$1/task/"*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
 hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
 reset_hwm() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || true; }
+
+# --- binaries -------------------------------------------------------------------
+
+# bin_dir PROFILE: the directory of cargo's PROFILE (release or debug) build,
+# honouring CARGO_TARGET_DIR and a target-dir set in cargo's configuration.
+bin_dir() {
+  local profile=$1 dir
+  case "$profile" in release|debug) ;; *) die "unknown profile $profile (release or debug)" ;; esac
+  dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+  echo "${dir:-$ROOT/target}/$profile"
+}
+
+# The "listen" (first address) or "admin" field of a floodwall --ready-file.
+ready_field() { sed -n "s/.*\"$2\":\\[\\{0,1\\}\"\\([^\"]*\\)\".*/\\1/p" "$1"; }
+
+# --- a private redis-server -------------------------------------------------------
+
+REDIS_PORT=""
+REDIS_PID=""
+rcli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
+
+# A private redis-server on a free port (never a shared instance): pick a
+# random port nobody answers on, start it there (no persistence, data under
+# $WORK/redis), and retry on another port if it could not bind. Sets
+# REDIS_PORT and REDIS_PID (also in PIDS, so it is stopped on exit).
+start_redis() {
+  local attempt port i
+  mkdir -p "$WORK/redis"
+  for ((attempt = 1; attempt <= 10; attempt++)); do
+    port=$(( 20000 + (RANDOM * 32768 + RANDOM) % 30000 ))
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then continue; fi
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+      --dir "$WORK/redis" --logfile "" >"$WORK/redis/redis-$port.log" 2>&1 &
+    REDIS_PID=$!; PIDS+=("$REDIS_PID")
+    for ((i = 0; i < 100; i++)); do
+      if ! alive "$REDIS_PID"; then break; fi
+      if [ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]; then
+        REDIS_PORT=$port
+        return 0
+      fi
+      sleep 0.1
+    done
+    stop_pid "$REDIS_PID"
+    log "redis-server could not start on port $port (see $WORK/redis/redis-$port.log); trying another"
+  done
+  die "could not start redis-server on a free port (see $WORK/redis)"
+}
+
+# A counter of the private redis-server's INFO stats, e.g. total_reads_processed.
+redis_stat() { rcli info stats | tr -d '\r' | awk -F: -v k="$1" '$1 == k { print $2 }'; }
+# Commands the private redis-server has processed so far.
+redis_cmds() { redis_stat total_commands_processed; }
+# "commands reads" processed so far, from one INFO (itself one of each).
+redis_counts() {
+  rcli info stats | tr -d '\r' | awk -F: '$1 == "total_commands_processed" { c = $2 } $1 == "total_reads_processed" { r = $2 } END { print c, r }'
+}

@@ -8,9 +8,13 @@
 #   benches/streams.sh --quick    smoke test: 500 idle, 100 active, 1 run (< 2 min)
 #
 # Options: --runs N, --idle-streams N, --active-streams N, --hold SECONDS,
-# --duration SECONDS, --only idle|active, --floodwall-bin PATH (measure
-# another floodwall build, e.g. an older commit's), --no-build, --keep (keep
-# the scratch directory with every log and raw output), -h/--help.
+# --heartbeat DURATION (the idle streams' heartbeat interval, e.g. 2s; keep
+# it under --hold), --duration SECONDS, --warmup SECONDS, --only idle|active,
+# --floodwall-bin PATH (measure another floodwall build, e.g. an older
+# commit's), --profile release|debug (which cargo build; debug only for
+# smoke tests), --summary FILE (append the headline rows, tab-separated, for
+# benches/suite.sh), --no-build, --keep (keep the scratch directory with
+# every log and raw output), -h/--help.
 #
 # Processes: the mock (`floodwall mock`), the proxy under test (floodwall, or
 # the bare Pingora proxy of benches/bare_proxy.rs) and the load client
@@ -71,12 +75,14 @@ OPEN_CONCURRENCY=200
 NOFILE=20000
 ONLY=both
 FLOODWALL_BIN=""
+PROFILE=release
+SUMMARY=""
 BUILD=1
 KEEP=0
 MODE=full
 ARGS_GIVEN="$*"
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -86,6 +92,10 @@ while [ $# -gt 0 ]; do
     --idle-streams) IDLE_STREAMS=${2:?--idle-streams needs a value}; shift ;;
     --active-streams) ACTIVE_STREAMS=${2:?--active-streams needs a value}; shift ;;
     --hold) HOLD=${2:?--hold needs a value}; shift ;;
+    --heartbeat) HEARTBEAT=${2:?--heartbeat needs a duration such as 2s}; shift ;;
+    --warmup) WARMUP=${2:?--warmup needs a value}; shift ;;
+    --profile) PROFILE=${2:?--profile needs release or debug}; shift ;;
+    --summary) SUMMARY=${2:?--summary needs a file}; shift ;;
     --duration) DURATION=${2:?--duration needs a value}; shift ;;
     --only) ONLY=${2:?--only needs idle or active}; shift ;;
     --floodwall-bin) FLOODWALL_BIN=${2:?--floodwall-bin needs a path}; shift ;;
@@ -96,9 +106,11 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-case "$RUNS$IDLE_STREAMS$ACTIVE_STREAMS$HOLD$DURATION" in
-  *[!0-9]*) echo "streams.sh: --runs, --idle-streams, --active-streams, --hold and --duration take whole numbers" >&2; exit 2 ;;
+case "$RUNS$IDLE_STREAMS$ACTIVE_STREAMS$HOLD$DURATION$WARMUP" in
+  *[!0-9]*) echo "streams.sh: --runs, --idle-streams, --active-streams, --hold, --duration and --warmup take whole numbers" >&2; exit 2 ;;
 esac
+case "$PROFILE" in release|debug) ;; *) echo "streams.sh: --profile takes release or debug" >&2; exit 2 ;; esac
+case "$HEARTBEAT" in [0-9]*s|[0-9]*ms) ;; *) echo "streams.sh: --heartbeat takes a duration such as 2s" >&2; exit 2 ;; esac
 case "$ONLY" in both|idle|active) ;; *) echo "streams.sh: --only takes idle or active" >&2; exit 2 ;; esac
 [ "$RUNS" -ge 1 ] && [ "$IDLE_STREAMS" -ge 1 ] && [ "$ACTIVE_STREAMS" -ge 1 ] && [ "$DURATION" -ge 1 ] \
   || { echo "streams.sh: --runs, stream counts and --duration must be >= 1" >&2; exit 2; }
@@ -124,16 +136,16 @@ export CLK_TCK
 CLK_TCK=$(getconf CLK_TCK)
 
 if [ "$BUILD" = 1 ]; then
-  log "cargo build --release --bin floodwall --example bare_proxy --example stream_client"
-  cargo build --locked --release --bin floodwall --example bare_proxy --example stream_client >&2
+  flag=(--release); [ "$PROFILE" = debug ] && flag=()
+  log "cargo build ${flag[*]} --bin floodwall --example bare_proxy --example stream_client"
+  cargo build --locked "${flag[@]+"${flag[@]}"}" --bin floodwall --example bare_proxy --example stream_client >&2
 fi
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps 2>/dev/null | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-TARGET_DIR=${TARGET_DIR:-$ROOT/target}
+BIN=$(bin_dir "$PROFILE")
 # The mock always comes from this tree (it must know `stamp=1`).
-MOCK=$TARGET_DIR/release/floodwall
+MOCK=$BIN/floodwall
 FLOODWALL=${FLOODWALL_BIN:-$MOCK}
-BARE=$TARGET_DIR/release/examples/bare_proxy
-CLIENT=$TARGET_DIR/release/examples/stream_client
+BARE=$BIN/examples/bare_proxy
+CLIENT=$BIN/examples/stream_client
 for b in "$MOCK" "$FLOODWALL" "$BARE" "$CLIENT"; do [ -x "$b" ] || die "$b not built"; done
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/floodwall-streams.XXXXXX")
@@ -383,7 +395,7 @@ MD=$RESULTS_DIR/streams-$STAMP.md
 {
   echo "# floodwall streaming benchmark, $STAMP"
   echo
-  echo "- command: \`benches/streams.sh${ARGS_GIVEN:+ $ARGS_GIVEN}\` ($MODE: $RUNS run(s), ${ELAPSED} s in all)"
+  echo "- command: \`benches/streams.sh${ARGS_GIVEN:+ $ARGS_GIVEN}\` ($MODE, $PROFILE build: $RUNS run(s), ${ELAPSED} s in all)"
   echo "- commit: $rev${FLOODWALL_BIN:+ (floodwall: $FLOODWALL_BIN)}"
   echo "- machine: $MACHINE${CPU_MODEL:+, $CPU_MODEL}; load average before: $LOAD_BEFORE, after: $LOAD_AFTER"
   echo "- mock, proxy and load client: separate processes, open-files limit $NOFILE each; proxies run"
@@ -401,7 +413,10 @@ MD=$RESULTS_DIR/streams-$STAMP.md
     echo "allocator reuses the memory the first wave freed (calloc then zeroes it, touching every page)."
     echo
   fi
-  awk -F'\t' -v only="$ONLY" -v chunks="$CHUNKS" -v delay="$CHUNK_DELAY_MS" '
+  awk -F'\t' -v only="$ONLY" -v chunks="$CHUNKS" -v delay="$CHUNK_DELAY_MS" -v summary="${SUMMARY:-/dev/null}" \
+    -v idle_what="$IDLE_STREAMS idle streams (heartbeat $HEARTBEAT, held ${HOLD} s)" '
+    # A row of the suite summary: area, what, figure, target, verdict.
+    function srow(what, fig, target, verd) { printf "streams\t%s\t%s\t%s\t%s\n", what, fig, target, verd >> summary }
     function sort(a, n,   i, j, t) { for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t } }
     function med(k,   a, m, i) { m = n[k]; if (m == 0) return 0; for (i = 1; i <= m; i++) a[i] = v[k, i]; sort(a, m); return (m % 2) ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2 }
     function stat(k, fmt,   a, m, i) {
@@ -448,6 +463,9 @@ MD=$RESULTS_DIR/streams-$STAMP.md
           printf "- target (issue #6): floodwall KiB/stream ≤ bare Pingora measured in the same run (first wave): %.1f vs %.1f (%s), %s\n",
             fk, bk, stat("ratio1", "%.2f×"), (med("ratio1") <= 1.0) ? "**met**" : "**missed**"
           printf "- stretch: under 40 KB (39 KiB) per stream (first wave): %.1f KiB, %s\n", fk, (fk * 1024 < 40000) ? "**met**" : "**missed**"
+          srow(idle_what ": memory per stream, floodwall / bare Pingora (KiB, first wave)",
+            stat("floodwall" SUBSEP 1 SUBSEP "kib", "%.1f") " / " stat("bare" SUBSEP 1 SUBSEP "kib", "%.1f") " (" stat("ratio1", "%.2f×") ")",
+            "≤ bare Pingora (issue #6)", (med("ratio1") <= 1.0) ? "met" : "**missed**")
         }
         if (n["floodwall" SUBSEP 2 SUBSEP "kib"] > 0)
           printf "- second wave (memory freed by the first wave reused): floodwall %.1f vs bare Pingora %.1f KiB/stream (%s)\n",
@@ -499,6 +517,12 @@ MD=$RESULTS_DIR/streams-$STAMP.md
           printf "- target: floodwall added TTFT, p99 < 500 µs: %s µs, %s\n",
             stat("floodwall" SUBSEP "at99", "%+d"), (med("floodwall" SUBSEP "at99") < 500) ? "**met**" : "**missed**"
           printf "- CPU per chunk, floodwall ÷ bare Pingora: %s\n", stat("cpuratio", "%.2f×")
+          what = astreams " active streams"
+          srow(what ": floodwall added TTFT, p50 / p99 (µs)", stat("floodwall" SUBSEP "at50", "%+d") " / " stat("floodwall" SUBSEP "at99", "%+d"),
+            "p99 < 500 µs (issue #6)", (med("floodwall" SUBSEP "at99") < 500) ? "met" : "**missed**")
+          srow(what ": floodwall added delay per chunk, p50 / p99 (µs)", stat("floodwall" SUBSEP "ac50", "%+d") " / " stat("floodwall" SUBSEP "ac99", "%+d"),
+            "p99 < 1 ms (issue #6)", (med("floodwall" SUBSEP "ac99") < 1000) ? "met" : "**missed**")
+          srow(what ": CPU µs per chunk, floodwall / bare Pingora", stat("floodwall" SUBSEP "cpu", "%.2f") " / " stat("bare" SUBSEP "cpu", "%.2f") " (" stat("cpuratio", "%.2f×") ")", "-", "-")
         }
         if (aerr > 0) printf "- **%d stream errors** during the active runs: see the .tsv\n", aerr
         else print "- no stream errors in any active run."
