@@ -1251,9 +1251,11 @@ async fn backend_status(fw: &Floodwall, backend: &str) -> Value {
 async fn the_adaptive_limit_shrinks_as_backend_latency_rises_and_grows_back_when_it_recovers() {
     use std::sync::atomic::AtomicBool;
     let mock = start_mock().await;
-    mock.set_defaults(FaultScript::parse("latency=20ms").unwrap());
+    // 50 ms healthy, so that the scheduling noise of a loaded test machine
+    // (tens of ms) stays well inside tolerance x baseline (150 ms).
+    mock.set_defaults(FaultScript::parse("latency=50ms").unwrap());
     let routes = "  - name: llm\n    match: { path_prefix: / }\n    backend: main\n";
-    let limits = "    limits: { max_wait: 20s, adaptive: { min: 1, max: 8, window: 200ms, tolerance: 3 } }\n";
+    let limits = "    limits: { max_wait: 30s, adaptive: { min: 1, max: 8, window: 200ms, tolerance: 3 } }\n";
     let fw = Floodwall::start(&adm_policy(&mock, "", limits, routes)).await;
     assert_eq!(backend_status(&fw, "main").await["adaptive_limit"], 8);
 
@@ -1286,14 +1288,15 @@ async fn the_adaptive_limit_shrinks_as_backend_latency_rises_and_grows_back_when
         }
     };
 
-    // Healthy: the limit stays near its max.
+    // Healthy: the limit stays near its max (at most one halving, for a
+    // window the test machine stalled).
     tokio::time::sleep(Duration::from_secs(1)).await;
     let healthy = limit(&fw).await;
-    assert!(healthy >= 6, "limit {healthy} at a steady 20 ms");
+    assert!(healthy >= 4, "limit {healthy} at a steady 50 ms");
 
     // Ten times slower: the limit comes down, and the backend sees fewer
     // calls at once.
-    mock.set_defaults(FaultScript::parse("latency=200ms").unwrap());
+    mock.set_defaults(FaultScript::parse("latency=500ms").unwrap());
     eventually(
         "the limit to shrink to 2 or less",
         Duration::from_secs(15),
@@ -1316,7 +1319,7 @@ async fn the_adaptive_limit_shrinks_as_backend_latency_rises_and_grows_back_when
     );
 
     // Healthy again: the limit grows back.
-    mock.set_defaults(FaultScript::parse("latency=20ms").unwrap());
+    mock.set_defaults(FaultScript::parse("latency=50ms").unwrap());
     eventually(
         "the limit to grow back to 6 or more",
         Duration::from_secs(20),
