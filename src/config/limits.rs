@@ -164,8 +164,9 @@ pub struct JwtSource {
     pub claim: String,
     pub algorithms: Vec<JwtAlg>,
     pub secret_env: Option<String>,
-    /// The HS256 secret, read from `secret_env` when the file was compiled.
-    pub hs256_secret: Option<KeyBytes>,
+    /// The HS256 secret, read from `secret_env` when the file was compiled,
+    /// as a ready HMAC key.
+    pub hs256_secret: Option<crate::policy::identity::jwt::HmacKey>,
     pub public_key_file: Option<PathBuf>,
     /// The RS256 key as a DER `RSAPublicKey` (PKCS#1), read from
     /// `public_key_file` when the file was compiled.
@@ -833,7 +834,11 @@ fn jwt_source(v: &Value<'_>, env: Env<'_>) -> Option<JwtSource> {
                     "the secret in `{name}` is {} bytes; HS256 needs at least 16 (32 recommended)",
                     secret.len()
                 )),
-                Some(secret) => source.hs256_secret = Some(KeyBytes(secret.into_bytes().into())),
+                Some(secret) => {
+                    source.hs256_secret = Some(crate::policy::identity::jwt::HmacKey::new(
+                        secret.as_bytes(),
+                    ))
+                }
                 None => name_value.error(format!(
                     "environment variable `{name}` is not set or is empty"
                 )),

@@ -381,7 +381,7 @@ fn bounded(value: &str) -> String {
 mod tests {
     use super::jwt::tests::hs256_token;
     use super::*;
-    use crate::config::limits::{JwtAlg, JwtSource, KeyBytes, TierConfig};
+    use crate::config::limits::{JwtAlg, JwtSource, TierConfig};
     use crate::config::net::parse_cidr;
     use std::sync::Arc;
     use std::time::Duration;
@@ -413,7 +413,7 @@ mod tests {
             claim: "sub".into(),
             algorithms: vec![JwtAlg::Hs256],
             secret_env: None,
-            hs256_secret: Some(KeyBytes(SECRET.into())),
+            hs256_secret: Some(super::jwt::HmacKey::new(SECRET)),
             public_key_file: None,
             rs256_key: None,
             issuer: None,
