@@ -139,3 +139,16 @@ redis_cmds() { redis_stat total_commands_processed; }
 redis_counts() {
   rcli info stats | tr -d '\r' | awk -F: '$1 == "total_commands_processed" { c = $2 } $1 == "total_reads_processed" { r = $2 } END { print c, r }'
 }
+
+# The facts every report starts with: rev (the commit, marked when the tree
+# has uncommitted changes), CPU_MODEL, LOAD_BEFORE and START (Unix seconds).
+run_facts() {
+  if rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null); then
+    git -C "$ROOT" diff --quiet HEAD 2>/dev/null || rev="$rev (+ uncommitted changes)"
+  else
+    rev="unknown (not a git checkout)"
+  fi
+  CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
+  LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+  START=$(date +%s)
+}

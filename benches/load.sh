@@ -545,15 +545,8 @@ bench_latency() {
 
 # --- run ----------------------------------------------------------------------
 
-if rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null); then
-  git -C "$ROOT" diff --quiet HEAD 2>/dev/null || rev="$rev (+ uncommitted changes)"
-else
-  rev="unknown (not a git checkout)"
-fi
 MACHINE="nproc $(nproc), $(uname -sr), $(rustc --version 2>/dev/null), $( (wrk --version 2>&1 || true) | awk 'NR == 1 {print $1, $2}')"
-CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
-LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-START=$(date +%s)
+run_facts
 log "mode $MODE ($PROFILE build): $RUNS run(s) x ${DURATION}s per figure, mock latencies: $LATENCIES ms, connections: $CONNS; scratch $WORK"
 log "targets: ${TARGETS[*]}"
 if [ "$WITH_REDIS" = 1 ]; then

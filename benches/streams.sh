@@ -368,15 +368,8 @@ active_round() {
 
 # --- run ----------------------------------------------------------------------
 
-if rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null); then
-  git -C "$ROOT" diff --quiet HEAD 2>/dev/null || rev="$rev (+ uncommitted changes)"
-else
-  rev="unknown (not a git checkout)"
-fi
 MACHINE="nproc $(nproc), $(uname -sr), $(rustc --version 2>/dev/null)"
-CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
-LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-START=$(date +%s)
+run_facts
 log "mode $MODE: $RUNS run(s); idle $IDLE_STREAMS streams (heartbeat $HEARTBEAT, hold ${HOLD}s); active $ACTIVE_STREAMS streams x $((1000 / CHUNK_DELAY_MS)) chunks/s, ${DURATION}s; open files $NOFILE; scratch $WORK"
 
 for ((run = 1; run <= RUNS; run++)); do

@@ -160,14 +160,7 @@ callgrind_rows() {
 
 LOAD_TARGETS="direct bare nginx floodwall floodwall_copilot floodwall_copilot_redis"
 MACHINE="nproc $(nproc), $(uname -sr), $(rustc --version 2>/dev/null)"
-CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
-LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-if rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null); then
-  git -C "$ROOT" diff --quiet HEAD 2>/dev/null || rev="$rev (+ uncommitted changes)"
-else
-  rev="unknown (not a git checkout)"
-fi
-START=$(date +%s)
+run_facts
 log "mode $MODE, $PROFILE build; load average before: $LOAD_BEFORE; scratch $WORK"
 
 if [ "$MODE" = quick ]; then

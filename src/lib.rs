@@ -10,7 +10,8 @@
 //! - [`store`]: state shared across replicas (Redis);
 //! - [`telemetry`]: metrics and logs; [`admin`]: health, metrics, status;
 //! - [`reload`]: file watching and the atomic snapshot swap;
-//! - [`mock`]: the scriptable mock LLM backend used by tests, demo and benches.
+//! - [`mock`]: the scriptable mock LLM backend used by tests, demo and benches;
+//! - [`text`]: decimals for headers and log lines without `fmt`.
 
 pub mod admin;
 pub mod config;
@@ -27,3 +28,4 @@ pub mod shutdown;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod text;

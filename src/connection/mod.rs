@@ -249,7 +249,7 @@ impl GuardedApp {
     /// Answer a connection over the cap with a 503: read its request
     /// header (bounded), answer, then drain what it sent so that closing
     /// does not reset the connection before the client reads the answer.
-    async fn refuse(&self, mut stream: Stream, limit: usize) {
+    async fn refuse(&self, mut stream: Stream, limit: usize, max_header: usize) {
         let connections = &self.shared.connections;
         let refusing = connections.refusing.fetch_add(1, Ordering::Relaxed);
         let _undo = Undo(&connections.refusing);
@@ -265,7 +265,7 @@ impl GuardedApp {
             loop {
                 match stream.read(&mut buf).await {
                     Ok(0) | Err(_) => return false,
-                    Ok(n) => match scan.feed(&buf[..n], 64 * 1024) {
+                    Ok(n) => match scan.feed(&buf[..n], max_header) {
                         Scan::More => continue,
                         _ => return true,
                     },
@@ -331,7 +331,7 @@ impl ServerApp for GuardedApp {
         // Kept current across reloads; a store per connection.
         self.shared.connections.metrics.limit.set(limit as i64);
         let Some(slot) = self.shared.connections.try_acquire(limit) else {
-            self.refuse(stream, limit).await;
+            self.refuse(stream, limit, limits.max_size).await;
             return None;
         };
         let guarded = GuardedStream::new(stream, limits, self.shared.connections.clone(), slot);

@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 use std::sync::OnceLock;
 
 use super::logging::LogFormat;
+use crate::text::push_u64;
 
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
@@ -66,22 +67,6 @@ fn json_str(out: &mut String, s: &str) {
         }
     }
     out.push('"');
-}
-
-/// Append `n` in decimal, without the formatting machinery.
-fn push_u64(out: &mut String, mut n: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    // Only ASCII digits were written.
-    out.push_str(std::str::from_utf8(&buf[i..]).unwrap_or_default());
 }
 
 /// Append milliseconds with three decimals, as `{:.3}` writes them (to the

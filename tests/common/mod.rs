@@ -224,6 +224,30 @@ pub struct Resp {
 }
 
 impl Resp {
+    /// A response read off a raw connection: its head (status line and
+    /// header lines) and its body.
+    pub fn from_raw(head: &str, body: &[u8]) -> Resp {
+        let mut headers = http::HeaderMap::new();
+        for line in head.lines().skip(1) {
+            if let Some((k, v)) = line.split_once(':') {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.trim().as_bytes()),
+                    http::HeaderValue::from_str(v.trim()),
+                ) {
+                    headers.append(k, v);
+                }
+            }
+        }
+        Resp {
+            status: head_status(head),
+            headers,
+            body: Bytes::copy_from_slice(body),
+            chunks: Vec::new(),
+            started: Instant::now(),
+            complete: true,
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }

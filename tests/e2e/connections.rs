@@ -36,22 +36,17 @@ async fn read_response(c: &mut RawConn) -> (String, Vec<u8>) {
 /// A response head and body that floodwall made: the status, its reason
 /// header, and the JSON error with the same code.
 fn assert_floodwall_answer(head: &str, body: &[u8], status: u16, reason: &str) {
-    assert_eq!(head_status(head), status, "{head}");
-    assert_eq!(
-        head_header(head, "x-floodwall-reason"),
-        Some(reason),
-        "{head}"
-    );
-    assert_eq!(head_header(head, "content-type"), Some("application/json"));
-    let v: serde_json::Value = serde_json::from_slice(body).expect("a JSON error body");
-    assert_eq!(v["error"]["code"], reason, "{v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{v}"
-    );
-    assert!(v["error"]["type"].as_str().is_some(), "{v}");
+    let r = Resp::from_raw(head, body);
+    r.assert_floodwall_error(status, reason);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+}
+
+/// `floodwall_connections_refused_total` for `reason`.
+fn refused(metrics: &str, reason: &str) -> Option<f64> {
+    metric(
+        metrics,
+        &format!("floodwall_connections_refused_total{{reason=\"{reason}\"}}"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,11 +106,7 @@ async fn a_connection_over_max_connections_gets_503_and_a_freed_place_is_reused(
         })
         .await;
     assert!(
-        metric(
-            &m,
-            r#"floodwall_connections_refused_total{reason="connection_limit"}"#
-        )
-        .is_some_and(|v| v >= 1.0),
+        refused(&m, "connection_limit").is_some_and(|v| v >= 1.0),
         "{m}"
     );
     assert!(metric(
@@ -185,13 +176,7 @@ async fn a_request_header_over_the_limit_gets_431_on_any_request_of_a_connection
     assert_floodwall_answer(&head, &body, 431, "header_too_large");
 
     let m = fw.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            r#"floodwall_connections_refused_total{reason="header_too_large"}"#
-        ),
-        Some(2.0)
-    );
+    assert_eq!(refused(&m, "header_too_large"), Some(2.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,13 +212,7 @@ async fn a_header_trickled_past_its_deadline_gets_408_and_the_connection_closes(
     c.read_to_end(Duration::from_secs(5)).await;
     assert_eq!(mock.stats().requests, 0);
     let m = fw.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            r#"floodwall_connections_refused_total{reason="header_timeout"}"#
-        ),
-        Some(1.0)
-    );
+    assert_eq!(refused(&m, "header_timeout"), Some(1.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,13 +236,7 @@ async fn a_connection_that_sends_nothing_is_closed_at_the_deadline() {
             metric(m, "floodwall_connections_active") == Some(0.0)
         })
         .await;
-    assert_eq!(
-        metric(
-            &m,
-            r#"floodwall_connections_refused_total{reason="header_timeout"}"#
-        ),
-        Some(1.0)
-    );
+    assert_eq!(refused(&m, "header_timeout"), Some(1.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,7 +53,7 @@ pub const DEFAULT_CALL_MAX_QUEUE: u32 = 1000;
 pub const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// `backends.<name>.limits`, compiled.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallLimits {
     /// Calls running at once; `None` = no cap.
     pub max_in_flight: Option<u32>,
@@ -227,8 +227,6 @@ struct PacerInner {
 
 struct PacerState {
     limits: CallLimits,
-    /// `limits` with the adaptive cap applied to `max_in_flight`.
-    effective: CallLimits,
     gradient: Option<Gradient>,
     pace: PaceState,
     /// Waiting calls by ticket (arrival order), each with its wake-up.
@@ -283,8 +281,9 @@ impl CallPermit {
     }
 
     /// The call's time to its response header (or to its timeout), for the
-    /// adaptive limit. Returns the cap in force and whether this sample
-    /// changed it (it closed a window); `None` without `limits.adaptive`.
+    /// adaptive limit. When this sample closed a window, returns the cap in
+    /// force and whether the window changed it; `None` otherwise (and
+    /// without `limits.adaptive`).
     pub fn record_latency(&self, latency: Duration) -> Option<(u32, bool)> {
         let mut state = self.inner.lock();
         let state = &mut *state;
@@ -294,13 +293,10 @@ impl CallPermit {
             latency,
             state.pace.in_flight(),
             tokio::time::Instant::now().into_std(),
-        );
+        )?;
         let after = gradient.limit();
-        if after != before {
-            state.apply_gradient();
-            if after > before {
-                state.wake_head();
-            }
+        if after > before {
+            state.wake_head();
         }
         Some((after, after != before))
     }
@@ -327,8 +323,7 @@ impl Pacer {
         let gradient = limits
             .adaptive
             .map(|c| Gradient::new(c, tokio::time::Instant::now().into_std()));
-        let mut state = PacerState {
-            effective: limits.clone(),
+        let state = PacerState {
             limits,
             gradient,
             pace: PaceState::new(),
@@ -336,7 +331,6 @@ impl Pacer {
             next_ticket: 0,
             counters: PacerCounters::default(),
         };
-        state.apply_gradient();
         Pacer {
             inner: Arc::new(PacerInner {
                 state: Mutex::new(state),
@@ -359,7 +353,7 @@ impl Pacer {
             let mut state = self.inner.lock();
             let state = &mut *state;
             let now = arrived.into_std();
-            if state.queue.is_empty() && state.pace.check(&state.effective, now) == Pace::Go {
+            if state.queue.is_empty() && state.pace.check(&state.effective(), now) == Pace::Go {
                 state.start(now);
                 return Ok(self.permit(Duration::ZERO));
             }
@@ -401,7 +395,7 @@ impl Pacer {
                     .first_key_value()
                     .is_some_and(|(t, _)| *t == ticket);
                 let pace = if is_head {
-                    state.pace.check(&state.effective, now.into_std())
+                    state.pace.check(&state.effective(), now.into_std())
                 } else {
                     Pace::Full
                 };
@@ -446,13 +440,12 @@ impl Pacer {
             (None, Some(c)) => Some(Gradient::new(c, tokio::time::Instant::now().into_std())),
         };
         state.limits = limits;
-        state.apply_gradient();
         state.wake_head();
     }
 
     /// The limits in force.
     pub fn limits(&self) -> CallLimits {
-        self.inner.lock().limits.clone()
+        self.inner.lock().limits
     }
 
     /// Calls running now.
@@ -509,19 +502,20 @@ impl PacerInner {
 }
 
 impl PacerState {
-    /// Recompute the limits in force from the policy's and the adaptive cap.
-    fn apply_gradient(&mut self) {
-        self.effective = self.limits.clone();
+    /// The limits in force: the policy's, with the adaptive cap (when
+    /// there is one) lowering `max_in_flight`.
+    fn effective(&self) -> CallLimits {
+        let mut limits = self.limits;
         if let Some(g) = &self.gradient {
             let cap = g.limit();
-            self.effective.max_in_flight =
-                Some(self.limits.max_in_flight.map_or(cap, |m| m.min(cap)));
+            limits.max_in_flight = Some(limits.max_in_flight.map_or(cap, |m| m.min(cap)));
         }
+        limits
     }
 
     /// Records a start in the pace and the adaptive limit.
     fn start(&mut self, now: Instant) {
-        self.pace.start(&self.effective, now);
+        self.pace.start(&self.effective(), now);
         self.counters.started += 1;
         if let Some(g) = self.gradient.as_mut() {
             g.started(self.pace.in_flight());
@@ -542,7 +536,7 @@ impl PacerState {
         }
         UpstreamQuota {
             cause,
-            retry_after: self.pace.retry_after(&self.effective, now),
+            retry_after: self.pace.retry_after(&self.effective(), now),
             waited,
         }
     }

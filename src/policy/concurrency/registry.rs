@@ -157,12 +157,12 @@ impl AdmissionRegistry {
                 Some(match pacers.get(&backend.name) {
                     Some(existing) => {
                         if existing.limits() != **limits {
-                            existing.reconfigure((**limits).clone());
+                            existing.reconfigure(**limits);
                         }
                         existing.clone()
                     }
                     None => {
-                        let pacer = Pacer::new((**limits).clone());
+                        let pacer = Pacer::new(**limits);
                         pacers.insert(backend.name.clone(), pacer.clone());
                         pacer
                     }

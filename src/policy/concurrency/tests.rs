@@ -621,7 +621,7 @@ async fn pacer_spaces_calls_in_fifo_order() {
 async fn pacer_per_minute_waits_then_sheds_after_max_wait() {
     let mut limits = call_limits(None, Some(2), 0);
     limits.max_wait = 10 * SEC;
-    let pacer = Pacer::new(limits.clone());
+    let pacer = Pacer::new(limits);
     let _a = pacer.acquire().await.unwrap();
     let _b = pacer.acquire().await.unwrap();
     let started = tokio::time::Instant::now();
@@ -703,7 +703,7 @@ async fn pacer_queue_is_bounded_and_leaving_callers_leave_no_trace() {
 async fn pacer_without_wait_refuses_at_once_and_within_caps_the_wait() {
     let mut limits = call_limits(Some(1), None, 0);
     limits.max_wait = Duration::ZERO;
-    let pacer = Pacer::new(limits.clone());
+    let pacer = Pacer::new(limits);
     let _held = pacer.acquire().await.unwrap();
     assert!(matches!(
         pacer.acquire().await,

@@ -65,6 +65,7 @@ use crate::config::StoreConfig;
 use crate::policy::identity::Identity;
 use crate::request::LlmFields;
 use crate::store::{RedisStore, StoreError};
+use crate::text::push_u64;
 
 pub use math::Eval;
 pub use memory::MemoryStore;
@@ -202,23 +203,6 @@ impl RateHeaders {
         .filter_map(|(k, v)| Some((k, v?)))
         .collect()
     }
-}
-
-/// Append `n` in decimal (the headers are built per request; `write!` is
-/// several times slower).
-fn push_u64(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    // ASCII digits only: always valid UTF-8.
-    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or_default());
 }
 
 /// The answer to [`Limiter::check`].
