@@ -262,17 +262,32 @@ impl FloodwallProxy {
         x_cache: Status,
         age: u64,
     ) -> Result<ResponseHeader> {
-        let mut h = ResponseHeader::build(status, Some(headers.len() + 8))?;
+        // Plain `http` parts, as for a proxied answer (`prepare_response`).
+        let bad = |_| Error::explain(ErrorType::InvalidHTTPHeader, "stored header is invalid");
+        let mut h = http::Response::new(()).into_parts().0;
+        h.status = http::StatusCode::from_u16(status).map_err(|_| bad(()))?;
+        h.headers.reserve(headers.len() + 8);
         for (k, v) in headers {
-            h.append_header(k.clone(), v.as_slice())?;
+            let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad(()))?;
+            let value = http::HeaderValue::from_bytes(v).map_err(|_| bad(()))?;
+            h.headers.append(name, value);
         }
+        let num = |n: u64| {
+            let mut s = String::with_capacity(20);
+            crate::text::push_u64(&mut s, n);
+            super::headers::value_of(s)
+        };
         if let Some(n) = body_len {
-            h.insert_header("content-length", n.to_string())?;
+            h.headers
+                .insert(http::header::CONTENT_LENGTH, num(n as u64)?);
         }
-        h.insert_header("x-cache", x_cache.as_str())?;
-        h.insert_header("age", age.to_string())?;
+        h.headers.insert(
+            super::headers::names::X_CACHE,
+            http::HeaderValue::from_static(x_cache.as_str()),
+        );
+        h.headers.insert(http::header::AGE, num(age)?);
         self.prepare_response(session, ctx, &mut h)?;
-        Ok(h)
+        Ok(ResponseHeader::from(h))
     }
 
     /// Serve a stored entry (`HIT` or `STALE`).

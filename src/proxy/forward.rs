@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use http::response::Parts as RespParts;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
@@ -288,8 +289,8 @@ impl FloodwallProxy {
                                 let backend = &active.backends[h.bidx];
                                 return self
                                     .commit(
-                                        session, ctx, route, backend, &h.backend, h.answer, h.resp,
-                                        h.held, None,
+                                        session, ctx, route, backend, h.answer, h.resp, h.held,
+                                        None,
                                     )
                                     .await;
                             }
@@ -408,13 +409,14 @@ impl FloodwallProxy {
         };
         // Built here, in one statement with the attempt: a local would keep
         // its room (~350 bytes) in this future for the whole stream.
-        let header = {
-            let mut h = self.upstream_request(session, ctx, route, active)?;
-            if body.len() != ctx.body.len() {
-                h.insert_header("content-length", body.len().to_string())?;
-            }
-            Box::new(h)
-        };
+        let header = Box::new(self.upstream_request(
+            session,
+            ctx,
+            route,
+            active,
+            backend.host(endpoint),
+            body.len(),
+        )?);
         let mut report = AttemptReport::default();
         let started = Instant::now();
         // Boxed: connecting (TCP, TLS) is the largest state of this future,
@@ -504,17 +506,7 @@ impl FloodwallProxy {
             {
                 permits.record(Some(status), false, header_elapsed);
                 let r = self
-                    .commit(
-                        session,
-                        ctx,
-                        route,
-                        backend,
-                        &backend_cfg.name,
-                        answer,
-                        resp,
-                        held,
-                        None,
-                    )
+                    .commit(session, ctx, route, backend, answer, resp, held, None)
                     .await;
                 return Ok(Step::Done(r));
             }
@@ -625,7 +617,6 @@ impl FloodwallProxy {
                 ctx,
                 route,
                 backend,
-                &backend_cfg.name,
                 answer,
                 resp,
                 held,
@@ -652,9 +643,8 @@ impl FloodwallProxy {
         ctx: &mut Ctx,
         route: &Arc<Route>,
         backend: &BackendRuntime,
-        backend_name: &str,
         mut answer: upstream::Answer,
-        mut resp: Box<ResponseHeader>,
+        resp: Box<ResponseHeader>,
         held: Vec<Bytes>,
         first_token_due: Option<Instant>,
     ) -> Result<bool> {
@@ -684,8 +674,13 @@ impl FloodwallProxy {
                 f.start(&resp, sse, &policy);
             }
         }
-        self.prepare_response(session, ctx, &mut resp)?;
-        resp.insert_header("x-floodwall-backend", backend_name)?;
+        let mut parts = RespParts::from(*resp);
+        self.prepare_response(session, ctx, &mut parts)?;
+        parts.headers.insert(
+            super::headers::names::X_FLOODWALL_BACKEND,
+            backend.name_header.clone(),
+        );
+        let resp = Box::new(ResponseHeader::from(parts));
         ctx.status = resp.status.as_u16();
         let head_only =
             session.req_header().method == http::Method::HEAD || matches!(ctx.status, 204 | 304);

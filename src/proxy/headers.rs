@@ -4,7 +4,9 @@
 use std::cell::Cell;
 use std::net::IpAddr;
 
-use pingora::http::{RequestHeader, ResponseHeader};
+use http::response::Parts as RespParts;
+use http::HeaderValue;
+use pingora::http::ResponseHeader;
 
 use crate::config::{Cidr, CorsConfig};
 
@@ -17,6 +19,8 @@ pub mod names {
     pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
     pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
     pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    pub const X_FLOODWALL_BACKEND: HeaderName = HeaderName::from_static("x-floodwall-backend");
+    pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 }
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
@@ -69,15 +73,10 @@ fn hop_by_hop_present(h: &http::HeaderMap) -> Vec<http::HeaderName> {
         .collect()
 }
 
-pub fn strip_hop_by_hop_request(req: &mut RequestHeader) {
-    for name in hop_by_hop_present(&req.headers) {
-        req.remove_header(&name);
-    }
-}
-
-pub fn strip_hop_by_hop_response(resp: &mut ResponseHeader) {
-    for name in hop_by_hop_present(&resp.headers) {
-        resp.remove_header(&name);
+/// Remove the hop-by-hop headers from a request's or a response's headers.
+pub fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+    for name in hop_by_hop_present(h) {
+        h.remove(&name);
     }
 }
 
@@ -218,12 +217,12 @@ pub fn cors_headers(cors: &CorsConfig, origin: Option<&str>) -> Vec<(&'static st
 /// Add CORS headers to a proxied response. `Vary` is merged with the
 /// upstream's own (`Vary: Accept-Encoding` must survive); the rest replace
 /// whatever the upstream said.
-pub fn add_cors(resp: &mut ResponseHeader, cors: &[(&'static str, String)]) -> pingora::Result<()> {
+pub fn add_cors(h: &mut http::HeaderMap, cors: &[(&'static str, String)]) -> pingora::Result<()> {
     for (k, v) in cors {
-        if *k == "vary" {
-            let existing: Vec<String> = resp
-                .headers
-                .get_all("vary")
+        let name = http::HeaderName::from_static(k);
+        let value = if name == http::header::VARY {
+            let existing: Vec<String> = h
+                .get_all(http::header::VARY)
                 .iter()
                 .filter_map(|h| h.to_str().ok())
                 .flat_map(|h| h.split(','))
@@ -236,17 +235,42 @@ pub fn add_cors(resp: &mut ResponseHeader, cors: &[(&'static str, String)]) -> p
             {
                 continue;
             }
-            let merged = existing
+            existing
                 .into_iter()
                 .chain(std::iter::once(v.clone()))
                 .collect::<Vec<_>>()
-                .join(", ");
-            resp.insert_header("vary", merged)?;
+                .join(", ")
         } else {
-            resp.insert_header(*k, v.as_str())?;
-        }
+            v.clone()
+        };
+        h.insert(name, value_of(value)?);
     }
     Ok(())
+}
+
+/// A header value from a string floodwall built or checked; an error (not
+/// a panic) if it somehow holds a byte a header cannot carry.
+pub fn value_of(v: impl Into<bytes::Bytes>) -> pingora::Result<HeaderValue> {
+    HeaderValue::from_maybe_shared(v.into()).map_err(|_| {
+        pingora::Error::explain(
+            pingora::ErrorType::InvalidHTTPHeader,
+            "header value holds a byte a header cannot carry",
+        )
+    })
+}
+
+/// Edit a Pingora response header as plain `http` parts. Pingora keeps the
+/// names' original case in a second map that must stay in step with the
+/// values, so its headers cannot be changed in place except through its
+/// own per-header methods, which parse and copy each name again. The parts
+/// are moved out, edited, and moved back without that second map: the
+/// names go out as `http` spells them (HTTP names are case-insensitive).
+pub fn edit_response<R>(resp: &mut ResponseHeader, f: impl FnOnce(&mut RespParts) -> R) -> R {
+    let empty = ResponseHeader::from(http::Response::new(()).into_parts().0);
+    let mut parts = RespParts::from(std::mem::replace(resp, empty));
+    let r = f(&mut parts);
+    *resp = ResponseHeader::from(parts);
+    r
 }
 
 /// Extra headers for a preflight answer (on top of [`cors_headers`]).
@@ -281,17 +305,16 @@ mod tests {
 
     #[test]
     fn hop_by_hop_and_connection_tokens_are_removed() {
-        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        req.insert_header("connection", "keep-alive, x-secret")
-            .unwrap();
-        req.insert_header("x-secret", "1").unwrap();
-        req.insert_header("te", "trailers").unwrap();
-        req.insert_header("x-keep", "1").unwrap();
-        strip_hop_by_hop_request(&mut req);
-        assert!(req.headers.get("x-secret").is_none());
-        assert!(req.headers.get("connection").is_none());
-        assert!(req.headers.get("te").is_none());
-        assert!(req.headers.get("x-keep").is_some());
+        let mut h = http::HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("connection").is_none());
+        assert!(h.get("te").is_none());
+        assert!(h.get("x-keep").is_some());
     }
 
     #[test]
@@ -362,23 +385,44 @@ mod tests {
             ("vary", "Origin".to_string()),
             ("access-control-allow-origin", "https://a".to_string()),
         ];
-        let mut resp = ResponseHeader::build(200, None).unwrap();
-        resp.insert_header("vary", "Accept-Encoding").unwrap();
+        let mut resp = http::HeaderMap::new();
+        resp.insert("vary", "Accept-Encoding".parse().unwrap());
         add_cors(&mut resp, &cors).unwrap();
-        assert_eq!(resp.headers.get("vary").unwrap(), "Accept-Encoding, Origin");
+        assert_eq!(resp.get("vary").unwrap(), "Accept-Encoding, Origin");
         add_cors(&mut resp, &cors).unwrap();
         assert_eq!(
-            resp.headers.get("vary").unwrap(),
+            resp.get("vary").unwrap(),
             "Accept-Encoding, Origin",
             "not added twice"
         );
-        let mut bare = ResponseHeader::build(200, None).unwrap();
+        let mut bare = http::HeaderMap::new();
         add_cors(&mut bare, &cors).unwrap();
-        assert_eq!(bare.headers.get("vary").unwrap(), "Origin");
+        assert_eq!(bare.get("vary").unwrap(), "Origin");
         assert_eq!(
-            bare.headers.get("access-control-allow-origin").unwrap(),
+            bare.get("access-control-allow-origin").unwrap(),
             "https://a"
         );
+    }
+
+    #[test]
+    fn edited_response_keeps_status_and_headers_and_goes_out_in_step() {
+        let mut resp = ResponseHeader::build(201, None).unwrap();
+        resp.insert_header("X-Upstream", "1").unwrap();
+        edit_response(&mut resp, |p| {
+            p.headers
+                .insert(names::X_CACHE, HeaderValue::from_static("HIT"));
+        });
+        assert_eq!(resp.status, 201);
+        assert_eq!(resp.headers.get("x-upstream").unwrap(), "1");
+        assert_eq!(resp.headers.get("x-cache").unwrap(), "HIT");
+        // Pingora's own inserts still work on the result (no second map to
+        // fall out of step with), and it serializes.
+        resp.insert_header("x-more", "2").unwrap();
+        let mut wire = Vec::new();
+        resp.header_to_h1_wire(&mut wire);
+        let wire = String::from_utf8(wire).unwrap();
+        assert!(wire.contains("x-upstream: 1\r\n"), "{wire}");
+        assert!(wire.contains("x-more: 2\r\n"), "{wire}");
     }
 
     #[test]

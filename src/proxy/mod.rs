@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use http::response::Parts as RespParts;
 use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -159,16 +160,31 @@ impl FloodwallProxy {
         }
     }
 
-    /// The request header to send upstream for `route`.
+    /// The request header to send upstream for `route`, with `host` as its
+    /// `Host` and a body of `body_len` bytes.
+    ///
+    /// Built as plain `http` parts and turned into Pingora's header at the
+    /// end: Pingora's own per-header methods parse and copy every name
+    /// again and keep a second map of the names' original case, which cost
+    /// more than the rest of this function. Names the client sent go
+    /// upstream as `http` spells them (lower case; HTTP names are
+    /// case-insensitive, and Envoy does the same).
     fn upstream_request(
         &self,
         session: &Session,
         ctx: &Ctx,
         route: &Route,
         active: &Active,
+        host: Option<&HeaderValue>,
+        body_len: usize,
     ) -> Result<RequestHeader> {
-        let mut req = session.req_header().clone();
-        let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let down = session.req_header();
+        let mut parts = down.as_owned_parts();
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
         let new_pq = crate::routing::rewrite_path(
             route
                 .rewrite
@@ -176,69 +192,87 @@ impl FloodwallProxy {
                 .and_then(|r| r.strip_prefix.as_deref()),
             pq,
         );
-        if new_pq != pq || req.uri.authority().is_some() {
-            let uri: http::Uri = new_pq.parse().map_err(|_| {
+        let new_target = new_pq != pq || parts.uri.authority().is_some();
+        if new_target {
+            parts.uri = new_pq.parse().map_err(|_| {
                 Error::explain(
                     ErrorType::InvalidHTTPHeader,
                     "rewritten path is not a valid URI",
                 )
             })?;
-            req.set_uri(uri);
         }
+        let h = &mut parts.headers;
+        // Room for the headers added below, so that adding them does not
+        // grow (and rehash) the map.
+        h.reserve(5);
         let upgrade = route.websocket && session.is_upgrade_req();
         let upgrade_hdrs = if upgrade {
             (
-                req.headers.get("upgrade").cloned(),
-                req.headers.get("connection").cloned(),
+                h.get(http::header::UPGRADE).cloned(),
+                h.get(http::header::CONNECTION).cloned(),
             )
         } else {
             (None, None)
         };
-        headers::strip_hop_by_hop_request(&mut req);
+        headers::strip_hop_by_hop(h);
         if let (Some(u), Some(c)) = upgrade_hdrs {
-            req.insert_header("upgrade", u)?;
-            req.insert_header("connection", c)?;
+            h.insert(http::header::UPGRADE, u);
+            h.insert(http::header::CONNECTION, c);
         }
         let peer_ip = client_ip(session);
         let trusted = headers::is_trusted(&active.snapshot.server.trusted_proxies, peer_ip);
-        let existing = req
-            .headers
+        let existing = h
             .get(headers::names::X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok());
         if let Some(xff) = headers::forwarded_for(existing, peer_ip, trusted) {
-            req.insert_header("x-forwarded-for", xff)?;
+            h.insert(headers::names::X_FORWARDED_FOR, headers::value_of(xff)?);
         }
-        if !(trusted && req.headers.contains_key(headers::names::X_FORWARDED_PROTO)) {
-            req.insert_header("x-forwarded-proto", HeaderValue::from_static("http"))?;
+        if !(trusted && h.contains_key(headers::names::X_FORWARDED_PROTO)) {
+            h.insert(
+                headers::names::X_FORWARDED_PROTO,
+                HeaderValue::from_static("http"),
+            );
         }
-        req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        h.insert(
+            headers::names::X_REQUEST_ID,
+            headers::value_of(ctx.request_id.clone())?,
+        );
+        if let Some(host) = host {
+            h.insert(http::header::HOST, host.clone());
+        }
         if !upgrade {
-            let length = req.headers.get_all(http::header::CONTENT_LENGTH);
+            let length = h.get_all(http::header::CONTENT_LENGTH);
             let mut lengths = length.iter();
             let sent = lengths.next();
-            if ctx.body.is_empty() && sent.is_none() && req.method != http::Method::POST {
+            if body_len == 0 && sent.is_none() && parts.method != http::Method::POST {
                 // no body, no framing header
             } else if lengths.next().is_none()
-                && sent.is_some_and(|v| is_decimal(v.as_bytes(), ctx.body.len()))
+                && sent.is_some_and(|v| is_decimal(v.as_bytes(), body_len))
             {
                 // The client's one Content-Length already says it.
             } else {
-                req.insert_header("content-length", ctx.body.len().to_string())?;
+                let mut n = String::with_capacity(20);
+                crate::text::push_u64(&mut n, body_len as u64);
+                h.insert(http::header::CONTENT_LENGTH, headers::value_of(n)?);
             }
+        }
+        let mut req = RequestHeader::from(parts);
+        if !new_target && !down.raw_path_is_utf8() {
+            // A target that is not UTF-8 goes upstream as the client sent
+            // it, not as the URI's lossy rendering.
+            req.set_raw_path(down.raw_path())?;
         }
         Ok(req)
     }
 
-    /// Fix up an upstream response header for the client.
-    fn prepare_response(
-        &self,
-        session: &Session,
-        ctx: &Ctx,
-        resp: &mut ResponseHeader,
-    ) -> Result<()> {
-        headers::strip_hop_by_hop_response(resp);
+    /// Fix up an upstream response header for the client (as plain `http`
+    /// parts: see [`Self::upstream_request`] for why).
+    fn prepare_response(&self, session: &Session, ctx: &Ctx, resp: &mut RespParts) -> Result<()> {
+        let h = &mut resp.headers;
+        h.reserve(4);
+        headers::strip_hop_by_hop(h);
         if session.as_http1().is_some() || session.req_header().version < http::Version::HTTP_2 {
-            resp.set_version(http::Version::HTTP_11);
+            resp.version = http::Version::HTTP_11;
             // Without a length, HTTP/1.1 needs chunked framing; the hop-by-hop
             // pass removed the upstream's own Transfer-Encoding. Statuses that
             // never have a body must not carry it, nor may a response to an
@@ -246,23 +280,29 @@ impl FloodwallProxy {
             // (RFC 9112 §6.1).
             let bodiless = matches!(resp.status.as_u16(), 100..=199 | 204 | 304);
             let client_chunks = session.req_header().version >= http::Version::HTTP_11;
-            if !bodiless
-                && client_chunks
-                && !resp.headers.contains_key(http::header::CONTENT_LENGTH)
-            {
-                resp.insert_header("transfer-encoding", "chunked")?;
+            if !bodiless && client_chunks && !h.contains_key(http::header::CONTENT_LENGTH) {
+                h.insert(
+                    http::header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
             }
         }
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        h.insert(
+            headers::names::X_REQUEST_ID,
+            headers::value_of(ctx.request_id.clone())?,
+        );
         if let Some(c) = &ctx.cache {
-            resp.insert_header("x-cache", c.status.as_str())?;
-            if !resp.headers.contains_key("age") {
-                resp.insert_header("age", "0")?;
+            h.insert(
+                headers::names::X_CACHE,
+                HeaderValue::from_static(c.status.as_str()),
+            );
+            if !h.contains_key(http::header::AGE) {
+                h.insert(http::header::AGE, HeaderValue::from_static("0"));
             }
         }
-        headers::add_cors(resp, &ctx.cors)?;
+        headers::add_cors(h, &ctx.cors)?;
         for (k, v) in &ctx.rate_headers {
-            resp.insert_header(*k, v.clone())?;
+            h.insert(http::HeaderName::from_static(k), v.clone());
         }
         Ok(())
     }
@@ -513,12 +553,10 @@ impl ProxyHttp for FloodwallProxy {
         let (Some(active), Some(route)) = (ctx.active.clone(), ctx.route.clone()) else {
             return Ok(());
         };
-        let mut req = self.upstream_request(session, ctx, &route, &active)?;
         // The Host of the endpoint `upstream_peer` picked, not the first one.
-        if let Some(host) = active.backends[route.backend].host(ctx.endpoint.unwrap_or(0)) {
-            req.insert_header("host", host)?;
-        }
-        *upstream_request = req;
+        let host = active.backends[route.backend].host(ctx.endpoint.unwrap_or(0));
+        *upstream_request =
+            self.upstream_request(session, ctx, &route, &active, host, ctx.body.len())?;
         Ok(())
     }
 
@@ -530,12 +568,19 @@ impl ProxyHttp for FloodwallProxy {
     ) -> Result<()> {
         ctx.status = resp.status.as_u16();
         ctx.response_started = true;
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let Some(b) = &ctx.backend {
-            resp.insert_header("x-floodwall-backend", &**b)?;
-        }
-        headers::add_cors(resp, &ctx.cors)?;
-        Ok(())
+        let backend = ctx
+            .active
+            .as_ref()
+            .zip(ctx.route.as_ref())
+            .map(|(a, r)| a.backends[r.backend].name_header.clone());
+        let id = headers::value_of(ctx.request_id.clone())?;
+        headers::edit_response(resp, |p| {
+            p.headers.insert(headers::names::X_REQUEST_ID, id);
+            if let Some(b) = backend {
+                p.headers.insert(headers::names::X_FLOODWALL_BACKEND, b);
+            }
+            headers::add_cors(&mut p.headers, &ctx.cors)
+        })
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _error: &Error) -> bool {

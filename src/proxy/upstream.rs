@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
@@ -38,6 +39,8 @@ pub struct BackendRuntime {
     /// The backend's name, shared: every request's `Ctx` names the backend
     /// it went to (for the access log and `x-floodwall-backend`).
     pub name: Arc<str>,
+    /// The name as the `x-floodwall-backend` header's value.
+    pub name_header: HeaderValue,
     cursor: AtomicUsize,
     endpoints: Vec<EndpointRuntime>,
     /// The backend-wide breaker (`circuit_breaker`), if configured.
@@ -49,8 +52,9 @@ struct EndpointRuntime {
     breaker: Option<Arc<Breaker>>,
     /// `None` when the endpoint could not be prepared (the string says why).
     peer: Result<HttpPeer, String>,
-    /// Host header to send (override, or the endpoint's authority).
-    host: String,
+    /// Host header to send (override, or the endpoint's authority); `None`
+    /// if it cannot be a header value, and then the client's is kept.
+    host: Option<HeaderValue>,
     pub url: String,
 }
 
@@ -89,13 +93,14 @@ impl BackendRuntime {
                 EndpointRuntime {
                     breaker: None,
                     peer,
-                    host,
+                    host: HeaderValue::from_str(&host).ok(),
                     url: ep.url.clone(),
                 }
             })
             .collect();
         Ok(BackendRuntime {
             name: Arc::from(b.name.as_str()),
+            name_header: name_header(&b.name),
             cursor: AtomicUsize::new(0),
             endpoints,
             breaker: None,
@@ -179,6 +184,7 @@ impl BackendRuntime {
     pub fn broken(b: &Backend, why: String) -> BackendRuntime {
         BackendRuntime {
             name: Arc::from(b.name.as_str()),
+            name_header: name_header(&b.name),
             cursor: AtomicUsize::new(0),
             endpoints: b
                 .endpoints
@@ -186,7 +192,7 @@ impl BackendRuntime {
                 .map(|ep| EndpointRuntime {
                     breaker: None,
                     peer: Err(why.clone()),
-                    host: ep.host.clone(),
+                    host: HeaderValue::from_str(&ep.host).ok(),
                     url: ep.url.clone(),
                 })
                 .collect(),
@@ -206,13 +212,19 @@ impl BackendRuntime {
     }
 
     /// The Host header for endpoint `i`.
-    pub fn host(&self, i: usize) -> Option<&str> {
-        self.endpoints.get(i).map(|e| e.host.as_str())
+    pub fn host(&self, i: usize) -> Option<&HeaderValue> {
+        self.endpoints.get(i).and_then(|e| e.host.as_ref())
     }
 
     pub fn endpoint_url(&self, i: usize) -> &str {
         self.endpoints.get(i).map(|e| e.url.as_str()).unwrap_or("")
     }
+}
+
+/// Backend names are checked to be identifiers when the policy compiles;
+/// anything else would be shown as `invalid`.
+fn name_header(name: &str) -> HeaderValue {
+    HeaderValue::from_str(name).unwrap_or(HeaderValue::from_static("invalid"))
 }
 
 fn bracket(host: &str) -> String {
@@ -262,7 +274,7 @@ fn load_ca(path: &std::path::Path) -> Result<Arc<pingora::protocols::tls::CaType
 
 /// Everything one attempt needs from the request.
 pub struct AttemptRequest<'a> {
-    /// Boxed, as Pingora takes it.
+    /// Boxed, as Pingora takes it, with the endpoint's `Host` already set.
     pub header: Box<RequestHeader>,
     pub body: &'a Bytes,
     pub response_headers_timeout: Duration,
@@ -386,7 +398,6 @@ pub async fn start_attempt(
     report.reused_connection = reused;
 
     let mut header = req.header;
-    header.insert_header("host", ep.host.as_str()).ok();
     if up.as_http2().is_some() {
         header.set_version(http::Version::HTTP_2);
     }
@@ -653,7 +664,9 @@ pub async fn release(
 }
 
 /// Copy of the upstream response header to send downstream (boxed, as
-/// Pingora takes it, and as it is moved through the response path).
+/// Pingora takes it, and as it is moved through the response path),
+/// without the names' original case (see `FloodwallProxy::upstream_request`).
 pub fn downstream_header(up: &HttpSession) -> Option<Box<ResponseHeader>> {
-    up.response_header().cloned().map(Box::new)
+    up.response_header()
+        .map(|h| Box::new(ResponseHeader::from(h.as_owned_parts())))
 }
