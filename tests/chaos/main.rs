@@ -320,13 +320,16 @@ async fn perform(addr: SocketAddr, req: &Req, deadline: Duration) -> (Kind, Outc
 
 /// Run `TASKS` client loops for `duration`, each request bounded by
 /// `deadline`; every outcome, in no particular order.
+/// `start` is the origin of the records' times: a scenario that spawns the
+/// load passes the instant its own timeline starts from, so that "before
+/// the kill" compares times measured from the same origin.
 async fn run_load(
     addr: SocketAddr,
+    start: Instant,
     duration: Duration,
     deadline: Duration,
     make: MakeReq,
 ) -> Vec<Record> {
-    let start = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for task in 0..TASKS {
         let make = make.clone();
@@ -542,7 +545,14 @@ async fn gauges_back_to_zero(fw: &Floodwall) {
 
 /// Warm up with `make`'s traffic, then take the RSS baseline (KiB).
 async fn warm_up(fw: &mut Floodwall, deadline: Duration, make: MakeReq) -> u64 {
-    let records = run_load(fw.addr, Duration::from_millis(1500), deadline, make).await;
+    let records = run_load(
+        fw.addr,
+        Instant::now(),
+        Duration::from_millis(1500),
+        deadline,
+        make,
+    )
+    .await;
     assert_all(fw, &records, "warm-up", |r| r.outcome == Outcome::Ok);
     gauges_back_to_zero(fw).await;
     rss_kib(fw.pid())
@@ -620,8 +630,8 @@ async fn backend_killed_and_restarted() {
 
     let d = load_duration();
     let (kill_at, restart_at) = (secs(d, 0.2), secs(d, 0.4));
-    let load = tokio::spawn(run_load(fw.addr, d, deadline, make));
     let t0 = Instant::now();
+    let load = tokio::spawn(run_load(fw.addr, t0, d, deadline, make));
     tokio::time::sleep(kill_at).await;
     let killed = t0.elapsed();
     mock.shutdown().await;
@@ -689,8 +699,8 @@ async fn backend_ten_times_slower() {
     let baseline = warm_up(&mut fw, deadline, simple("hello")).await;
 
     let d = load_duration();
-    let load = tokio::spawn(run_load(fw.addr, d, deadline, simple("hello")));
     let t0 = Instant::now();
+    let load = tokio::spawn(run_load(fw.addr, t0, d, deadline, simple("hello")));
     tokio::time::sleep(secs(d, 0.2)).await;
     let slow_from = t0.elapsed();
     mock.set_defaults(slow);
@@ -765,8 +775,8 @@ async fn redis_killed_then_restarted() {
     let baseline = warm_up(&mut fw, deadline, make.clone()).await;
 
     let d = load_duration();
-    let load = tokio::spawn(run_load(fw.addr, d, deadline, make.clone()));
     let t0 = Instant::now();
+    let load = tokio::spawn(run_load(fw.addr, t0, d, deadline, make.clone()));
     tokio::time::sleep(secs(d, 0.2)).await;
     drop(redis);
     tokio::time::sleep(secs(d, 0.575).saturating_sub(t0.elapsed())).await;
@@ -794,7 +804,14 @@ async fn redis_killed_then_restarted() {
         let (fw, make) = (&fw, make.clone());
         async move {
             let before = fw.metrics().await;
-            let r = run_load(fw.addr, Duration::from_millis(300), deadline, make).await;
+            let r = run_load(
+                fw.addr,
+                Instant::now(),
+                Duration::from_millis(300),
+                deadline,
+                make,
+            )
+            .await;
             assert!(r.iter().all(|r| r.outcome == Outcome::Ok));
             let after = fw.metrics().await;
             let delta =
@@ -830,8 +847,8 @@ async fn twenty_hot_reloads_under_load() {
         metric(&m0, OK).unwrap_or(0.0),
         metric(&m0, ERROR).unwrap_or(0.0),
     );
-    let load = tokio::spawn(run_load(fw.addr, d, deadline, simple("hello")));
     let t0 = Instant::now();
+    let load = tokio::spawn(run_load(fw.addr, t0, d, deadline, simple("hello")));
     // 20 valid reloads spread over 80% of the load, an invalid one in the middle.
     let spacing = secs(d, 0.8) / 21;
     let (mut oks, mut errs) = (0.0, 0.0);
@@ -1004,7 +1021,7 @@ async fn malformed_traffic_at_ten_percent() {
             }
         }
     });
-    let records = run_load(fw.addr, d, deadline, make).await;
+    let records = run_load(fw.addr, Instant::now(), d, deadline, make).await;
     report(
         "malformed_traffic_at_ten_percent",
         &records,

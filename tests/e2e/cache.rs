@@ -601,23 +601,30 @@ async fn a_hit_costs_no_tokens_unless_the_route_charges_hits() {
     );
 }
 
+/// `n` identical requests: the first leads; the others are sent once it
+/// has reached the mock (`scenario`'s first attempt), so they arrive while
+/// it waits out the mock's latency, however slow a loaded machine makes
+/// the leader's own trip (a fixed head start flaked in the full suite).
 async fn burst(
     fw: &Floodwall,
+    mock: &floodwall::mock::MockServer,
+    scenario: &str,
     n: usize,
     body: &serde_json::Value,
     fault: &'static str,
 ) -> Vec<Resp> {
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let (addr, b) = (fw.addr, body.to_string());
-        tasks.push(tokio::spawn(async move {
-            // The first request leads; the others arrive while it waits.
-            if i > 0 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            post_to(addr, &b, fault).await
-        }));
-    }
+    let send = |b: String| {
+        let addr = fw.addr;
+        tokio::spawn(async move { post_to(addr, &b, fault).await })
+    };
+    let mut tasks = vec![send(body.to_string())];
+    eventually(
+        "the leader reaches the mock",
+        Duration::from_secs(10),
+        || async { (!mock.stats().attempts(scenario).is_empty()).then_some(()) },
+    )
+    .await;
+    tasks.extend((1..n).map(|_| send(body.to_string())));
     let mut out = Vec::new();
     for t in tasks {
         out.push(t.await.unwrap());
@@ -636,8 +643,25 @@ async fn when_the_leader_fails_one_follower_takes_over_or_each_goes_alone() {
     ))
     .await;
     let body = chat_body("leader fails", false);
-    let rs = burst(&fw, 6, &body, "scenario=t;fail=1:503;latency=400ms").await;
-    assert_eq!(rs[0].status, 503, "{}", rs[0].text());
+    let rs = burst(
+        &fw,
+        &mock,
+        "t",
+        6,
+        &body,
+        "scenario=t;fail=1:503;latency=800ms",
+    )
+    .await;
+    let seen = |rs: &[Resp], s: &str| {
+        format!(
+            "{:?} {:?}",
+            rs.iter()
+                .map(|r| (r.status, r.header("x-cache").map(str::to_string), r.text()))
+                .collect::<Vec<_>>(),
+            mock.stats().attempts(s)
+        )
+    };
+    assert_eq!(rs[0].status, 503, "{}", seen(&rs, "t"));
     for r in &rs[1..] {
         assert_eq!(r.status, 200, "{}", r.text());
     }
@@ -654,8 +678,25 @@ async fn when_the_leader_fails_one_follower_takes_over_or_each_goes_alone() {
         &cached("{ ttl: 1m, scope: shared, on_leader_failure: each }"),
     ))
     .await;
-    let rs = burst(&fw, 6, &body, "scenario=e;fail=1:503;latency=400ms").await;
-    assert_eq!(rs[0].status, 503);
+    let rs = burst(
+        &fw,
+        &mock,
+        "e",
+        6,
+        &body,
+        "scenario=e;fail=1:503;latency=800ms",
+    )
+    .await;
+    let seen = |rs: &[Resp], s: &str| {
+        format!(
+            "{:?} {:?}",
+            rs.iter()
+                .map(|r| (r.status, r.header("x-cache").map(str::to_string), r.text()))
+                .collect::<Vec<_>>(),
+            mock.stats().attempts(s)
+        )
+    };
+    assert_eq!(rs[0].status, 503, "{}", seen(&rs, "e"));
     assert!(rs[1..].iter().all(|r| r.status == 200));
     assert_eq!(
         mock.stats().attempts("e").len(),
