@@ -177,6 +177,8 @@ pub struct JwtSource {
     pub audience: Option<String>,
     /// Clock skew allowed on `exp` and `nbf`.
     pub leeway: Duration,
+    /// Tokens that verified with this source, and their claims.
+    pub verified: crate::policy::identity::jwt::Verified,
 }
 
 #[derive(Debug, Clone)]
@@ -825,6 +827,7 @@ fn jwt_source(v: &Value<'_>, env: Env<'_>) -> Option<JwtSource> {
         leeway: m
             .duration_in("leeway", Duration::ZERO..=MAX_LEEWAY)
             .unwrap_or(Duration::ZERO),
+        verified: Default::default(),
     };
     let secret_value = m.get("secret_env");
     if let Some(name_value) = &secret_value {

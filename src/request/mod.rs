@@ -384,9 +384,9 @@ pub fn parse(
     if keep_value {
         let v: Value = serde_json::from_slice(body).map_err(json_error)?;
         let fields = match v.is_object() {
-            true => serde_json::from_value::<Raw>(v.clone())
-                .map(fields_of)
-                .unwrap_or_default(),
+            // Read from the tree by reference (not `from_value`, which
+            // would need a deep copy of it).
+            true => Raw::deserialize(&v).map(fields_of).unwrap_or_default(),
             false => LlmFields::default(),
         };
         return Ok(Some((fields, Some(v))));

@@ -12,6 +12,9 @@
 //! Errors name the reason and never the token: they reach logs and the
 //! client's 401 body.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -61,18 +64,33 @@ impl JwtError {
 /// base64url segments separated by dots. A value that does not (an opaque
 /// API key in the same header) is left to the next identity source.
 pub fn looks_like_jwt(token: &str) -> bool {
-    let mut n = 0;
-    for segment in token.split('.') {
-        n += 1;
-        if segment.is_empty()
-            || !segment
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
-        {
+    /// The base64url alphabet and `=`: one table lookup a byte.
+    const B64URL: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            t[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'=';
+            b += 1;
+        }
+        t
+    };
+    let mut dots = 0;
+    let mut segment_len = 0;
+    for &b in token.as_bytes() {
+        if b == b'.' {
+            if segment_len == 0 {
+                return false;
+            }
+            dots += 1;
+            segment_len = 0;
+        } else if B64URL[usize::from(b)] {
+            segment_len += 1;
+        } else {
             return false;
         }
     }
-    n == 3
+    dots == 2 && segment_len > 0
 }
 
 /// Verifies `token` for `source` at `now` (Unix seconds) and returns its
@@ -134,24 +152,7 @@ pub fn verify(
         b64_decode(payload_b64, true).ok_or(JwtError::Malformed("the payload is not base64url"))?;
     let claims: Map<String, Value> = serde_json::from_slice(&payload)
         .map_err(|_| JwtError::Malformed("the payload is not a JSON object"))?;
-    let leeway = source.leeway.as_secs_f64();
-    let now = now_unix_secs as f64;
-    if let Some(exp) = claims.get("exp") {
-        let exp = exp
-            .as_f64()
-            .ok_or(JwtError::Malformed("`exp` is not a number"))?;
-        if now >= exp + leeway {
-            return Err(JwtError::Expired((now - exp).max(0.0) as u64));
-        }
-    }
-    if let Some(nbf) = claims.get("nbf") {
-        let nbf = nbf
-            .as_f64()
-            .ok_or(JwtError::Malformed("`nbf` is not a number"))?;
-        if now + leeway < nbf {
-            return Err(JwtError::NotYetValid((nbf - now).ceil() as u64));
-        }
-    }
+    times(&claims)?.check(source, now_unix_secs)?;
     if let Some(issuer) = &source.issuer {
         if claims.get("iss").and_then(Value::as_str) != Some(issuer.as_str()) {
             return Err(JwtError::WrongIssuer);
@@ -167,6 +168,92 @@ pub fn verify(
             return Err(JwtError::WrongAudience);
         }
     }
+    Ok(claims)
+}
+
+/// A token's `exp` and `nbf` claims, as numbers.
+#[derive(Debug, Clone, Copy)]
+struct Times {
+    exp: Option<f64>,
+    nbf: Option<f64>,
+}
+
+fn times(claims: &Map<String, Value>) -> Result<Times, JwtError> {
+    let number = |name: &str, err: &'static str| match claims.get(name) {
+        None => Ok(None),
+        Some(v) => v.as_f64().map(Some).ok_or(JwtError::Malformed(err)),
+    };
+    Ok(Times {
+        exp: number("exp", "`exp` is not a number")?,
+        nbf: number("nbf", "`nbf` is not a number")?,
+    })
+}
+
+impl Times {
+    /// Whether the token is valid at `now_unix_secs`, with the leeway.
+    fn check(self, source: &JwtSource, now_unix_secs: u64) -> Result<(), JwtError> {
+        let leeway = source.leeway.as_secs_f64();
+        let now = now_unix_secs as f64;
+        if let Some(exp) = self.exp {
+            if now >= exp + leeway {
+                return Err(JwtError::Expired((now - exp).max(0.0) as u64));
+            }
+        }
+        if let Some(nbf) = self.nbf {
+            if now + leeway < nbf {
+                return Err(JwtError::NotYetValid((nbf - now).ceil() as u64));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Tokens that verified for one source, with their claims: a client sends
+/// the same token on every request until it expires, and its signature
+/// and JSON are checked once, not every time. Only a token whose
+/// signature verified gets in, so junk cannot fill it; a hit is a lookup
+/// of the whole token (keyed hash, then a full comparison) and a check of
+/// its `exp` and `nbf` against the request's clock. At most
+/// [`VERIFIED_MAX`] tokens; when full it starts over. A reload compiles a
+/// new source, and so a new, empty cache (the key may have changed).
+#[derive(Clone, Default)]
+pub struct Verified(Arc<Mutex<HashMap<Box<str>, (Arc<Map<String, Value>>, Times)>>>);
+
+/// Tokens kept per source (a few hundred bytes each).
+pub const VERIFIED_MAX: usize = 4096;
+
+impl std::fmt::Debug for Verified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verified(..)")
+    }
+}
+
+impl Verified {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Box<str>, (Arc<Map<String, Value>>, Times)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// [`verify`], through the source's cache of tokens that verified.
+pub fn verify_cached(
+    source: &JwtSource,
+    token: &str,
+    now_unix_secs: u64,
+) -> Result<Arc<Map<String, Value>>, JwtError> {
+    let hit = source.verified.lock().get(token).cloned();
+    if let Some((claims, times)) = hit {
+        times.check(source, now_unix_secs)?;
+        return Ok(claims);
+    }
+    let claims = Arc::new(verify(source, token, now_unix_secs)?);
+    let times = times(&claims)?;
+    let mut cache = source.verified.lock();
+    if cache.len() >= VERIFIED_MAX {
+        cache.clear();
+    }
+    cache.insert(token.into(), (claims.clone(), times));
     Ok(claims)
 }
 
@@ -426,6 +513,7 @@ pub(crate) mod tests {
             issuer: None,
             audience: None,
             leeway: Duration::ZERO,
+            verified: Default::default(),
         }
     }
 
@@ -457,6 +545,84 @@ pub(crate) mod tests {
             hex,
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    #[test]
+    fn a_verified_token_is_remembered_and_still_expires() {
+        let source = hs_source();
+        let t = hs256_token(
+            SECRET,
+            r#"{"alg":"HS256"}"#,
+            r#"{"sub":"alice","exp":1700000100,"nbf":1699999990}"#,
+        );
+        let first = verify_cached(&source, &t, NOW).unwrap();
+        assert_eq!(claim_string(&first, "sub").as_deref(), Some("alice"));
+        let again = verify_cached(&source, &t, NOW + 1).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "the second use is a hit");
+        // The hit still checks the clock, with the same answers as verify.
+        assert_eq!(
+            verify_cached(&source, &t, NOW + 105),
+            Err(JwtError::Expired(5))
+        );
+        assert_eq!(verify(&source, &t, NOW + 105), Err(JwtError::Expired(5)));
+        assert_eq!(
+            verify_cached(&source, &t, NOW - 20),
+            Err(JwtError::NotYetValid(10))
+        );
+        // A token that does not verify is never remembered.
+        let forged = hs256_token(
+            b"another-secret-0123456789",
+            r#"{"alg":"HS256"}"#,
+            r#"{"sub":"eve"}"#,
+        );
+        for _ in 0..2 {
+            assert_eq!(
+                verify_cached(&source, &forged, NOW),
+                Err(JwtError::BadSignature)
+            );
+        }
+        assert_eq!(source.verified.lock().len(), 1);
+        // A new source (a reload, maybe with another key) starts empty.
+        let mut rotated = hs_source();
+        rotated.hs256_secret = Some(HmacKey::new(b"rotated-secret-0123456789"));
+        assert_eq!(
+            verify_cached(&rotated, &t, NOW),
+            Err(JwtError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn the_verified_cache_is_bounded() {
+        let source = hs_source();
+        for i in 0..VERIFIED_MAX + 10 {
+            let t = hs256_token(
+                SECRET,
+                r#"{"alg":"HS256"}"#,
+                &format!(r#"{{"sub":"u{i}"}}"#),
+            );
+            let c = verify_cached(&source, &t, NOW).unwrap();
+            assert_eq!(claim_string(&c, "sub"), Some(format!("u{i}")));
+            assert!(source.verified.lock().len() <= VERIFIED_MAX);
+        }
+    }
+
+    #[test]
+    fn jwt_shape() {
+        for (t, ok) in [
+            ("a.b.c", true),
+            ("aB-_=.0.9", true),
+            ("a.b", false),
+            ("a.b.c.d", false),
+            ("a..c", false),
+            (".b.c", false),
+            ("a.b.", false),
+            ("a.b c.d", false),
+            ("a.b.c+", false),
+            ("", false),
+            ("sk-live-123", false),
+        ] {
+            assert_eq!(looks_like_jwt(t), ok, "{t}");
+        }
     }
 
     #[test]

@@ -150,7 +150,7 @@ pub fn extract(config: &IdentityConfig, parts: &RequestParts<'_>) -> Identity {
         parts.trusted_proxies,
     );
     let mut identity = Identity::anonymous(ip, &config.tier.default);
-    let mut claims: Option<serde_json::Map<String, Value>> = None;
+    let mut claims: Option<std::sync::Arc<serde_json::Map<String, Value>>> = None;
     let mut unshaped_token = false;
 
     for source in &config.user {
@@ -167,7 +167,7 @@ pub fn extract(config: &IdentityConfig, parts: &RequestParts<'_>) -> Identity {
                     unshaped_token = true;
                     continue;
                 }
-                match jwt::verify(src, token, parts.now_unix_secs) {
+                match jwt::verify_cached(src, token, parts.now_unix_secs) {
                     Ok(c) => {
                         let user = jwt::claim_string(&c, &src.claim);
                         claims = Some(c);
@@ -231,7 +231,7 @@ pub fn extract(config: &IdentityConfig, parts: &RequestParts<'_>) -> Identity {
                     if !jwt::looks_like_jwt(token) {
                         continue;
                     }
-                    match jwt::verify(src, token, parts.now_unix_secs) {
+                    match jwt::verify_cached(src, token, parts.now_unix_secs) {
                         Ok(c) => {
                             claims = Some(c);
                             break;
@@ -419,6 +419,7 @@ mod tests {
             issuer: None,
             audience: None,
             leeway: Duration::ZERO,
+            verified: Default::default(),
         })
     }
 

@@ -192,10 +192,11 @@ impl RateHeaders {
     /// The same, as header values (the strings are moved, not copied).
     pub fn into_values(self) -> Vec<(&'static str, http::HeaderValue)> {
         let value = |s: String| http::HeaderValue::from_maybe_shared(bytes::Bytes::from(s)).ok();
+        // `http` writes numbers itself, without the formatting machinery.
         [
-            ("x-ratelimit-limit", value(self.limit.to_string())),
-            ("x-ratelimit-remaining", value(self.remaining.to_string())),
-            ("x-ratelimit-reset", value(self.reset_secs.to_string())),
+            ("x-ratelimit-limit", Some(self.limit.into())),
+            ("x-ratelimit-remaining", Some(self.remaining.into())),
+            ("x-ratelimit-reset", Some(self.reset_secs.into())),
             ("ratelimit-policy", value(self.policy)),
             ("ratelimit", value(self.ratelimit)),
         ]
