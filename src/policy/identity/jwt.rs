@@ -217,7 +217,10 @@ impl Times {
 /// [`VERIFIED_MAX`] tokens; when full it starts over. A reload compiles a
 /// new source, and so a new, empty cache (the key may have changed).
 #[derive(Clone, Default)]
-pub struct Verified(Arc<Mutex<HashMap<Box<str>, (Arc<Map<String, Value>>, Times)>>>);
+pub struct Verified(Arc<Mutex<VerifiedMap>>);
+
+/// Token -> its claims and their times.
+type VerifiedMap = HashMap<Box<str>, (Arc<Map<String, Value>>, Times)>;
 
 /// Tokens kept per source (a few hundred bytes each).
 pub const VERIFIED_MAX: usize = 4096;
@@ -229,9 +232,7 @@ impl std::fmt::Debug for Verified {
 }
 
 impl Verified {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<Box<str>, (Arc<Map<String, Value>>, Times)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VerifiedMap> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
