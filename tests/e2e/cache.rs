@@ -632,6 +632,15 @@ async fn burst(
     out
 }
 
+/// The answers of a burst and the mock's attempts, for a failure message.
+fn seen(rs: &[Resp], mock: &floodwall::mock::MockServer, scenario: &str) -> String {
+    let answers: Vec<_> = rs
+        .iter()
+        .map(|r| (r.status, r.header("x-cache").map(str::to_string), r.text()))
+        .collect();
+    format!("{answers:?} {:?}", mock.stats().attempts(scenario))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_leader_fails_one_follower_takes_over_or_each_goes_alone() {
     // takeover (the default): the leader's 503 is its own; one follower
@@ -652,16 +661,7 @@ async fn when_the_leader_fails_one_follower_takes_over_or_each_goes_alone() {
         "scenario=t;fail=1:503;latency=800ms",
     )
     .await;
-    let seen = |rs: &[Resp], s: &str| {
-        format!(
-            "{:?} {:?}",
-            rs.iter()
-                .map(|r| (r.status, r.header("x-cache").map(str::to_string), r.text()))
-                .collect::<Vec<_>>(),
-            mock.stats().attempts(s)
-        )
-    };
-    assert_eq!(rs[0].status, 503, "{}", seen(&rs, "t"));
+    assert_eq!(rs[0].status, 503, "{}", seen(&rs, &mock, "t"));
     for r in &rs[1..] {
         assert_eq!(r.status, 200, "{}", r.text());
     }
@@ -687,16 +687,7 @@ async fn when_the_leader_fails_one_follower_takes_over_or_each_goes_alone() {
         "scenario=e;fail=1:503;latency=800ms",
     )
     .await;
-    let seen = |rs: &[Resp], s: &str| {
-        format!(
-            "{:?} {:?}",
-            rs.iter()
-                .map(|r| (r.status, r.header("x-cache").map(str::to_string), r.text()))
-                .collect::<Vec<_>>(),
-            mock.stats().attempts(s)
-        )
-    };
-    assert_eq!(rs[0].status, 503, "{}", seen(&rs, "e"));
+    assert_eq!(rs[0].status, 503, "{}", seen(&rs, &mock, "e"));
     assert!(rs[1..].iter().all(|r| r.status == 200));
     assert_eq!(
         mock.stats().attempts("e").len(),
