@@ -54,11 +54,16 @@ const MAX_REFUSING: usize = 1024;
 const REFUSE_STEP: Duration = Duration::from_secs(1);
 /// Pingora's keep-alive timeout between requests on a connection.
 const KEEPALIVE_SECS: u64 = 60;
+/// At shutdown, how long first requests still arriving are waited for.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
 /// The connection count and what the guards refused, shared by every
 /// listener of the process.
 pub struct Connections {
     open: AtomicUsize,
+    /// Open connections whose first request has not reached the proxy yet
+    /// (see [`GuardedApp::cleanup`]).
+    pub(crate) first_pending: AtomicUsize,
     refusing: AtomicUsize,
     /// The cap when the policy sets none: derived from the open-files limit
     /// at start-up.
@@ -84,6 +89,7 @@ impl Connections {
     pub fn new(metrics: ConnectionMetrics, local: Option<prometheus::IntCounterVec>) -> Self {
         Connections {
             open: AtomicUsize::new(0),
+            first_pending: AtomicUsize::new(0),
             refusing: AtomicUsize::new(0),
             default_max: AtomicUsize::new(derived_cap(None)),
             metrics,
@@ -364,7 +370,25 @@ impl ServerApp for GuardedApp {
         None
     }
 
+    /// At shutdown, after the listeners stopped accepting. Pingora's own
+    /// clean-up drops every connection still waiting for a request header,
+    /// so a client whose connection was accepted just before (a binary
+    /// upgrade hands the listeners over under load) would lose its first
+    /// request. Those first requests are given up to
+    /// [`FIRST_REQUEST_GRACE`] to arrive first; a connection waiting for a
+    /// later request on a kept-alive connection is dropped as before.
     async fn cleanup(&self) {
+        let deadline = tokio::time::Instant::now() + FIRST_REQUEST_GRACE;
+        while self
+            .shared
+            .connections
+            .first_pending
+            .load(Ordering::Relaxed)
+            > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.proxy.http_cleanup().await;
     }
 }

@@ -40,7 +40,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -100,6 +100,9 @@ pub struct GuardedStream {
     timer: Option<Pin<Box<Sleep>>>,
     answer: Option<Answer>,
     connections: Arc<Connections>,
+    /// Counted in `Connections::first_pending` until the proxy claims the
+    /// connection's first request (or the connection ends).
+    first_pending: AtomicBool,
     /// Holds the connection's place under `server.max_connections`.
     _slot: Slot,
 }
@@ -114,6 +117,12 @@ impl std::fmt::Debug for GuardedStream {
     }
 }
 
+impl Drop for GuardedStream {
+    fn drop(&mut self) {
+        self.first_request_arrived();
+    }
+}
+
 impl GuardedStream {
     /// Wrap a just-accepted connection: its first header is due within the
     /// timeout from now.
@@ -123,6 +132,7 @@ impl GuardedStream {
         connections: Arc<Connections>,
         slot: Slot,
     ) -> Self {
+        connections.first_pending.fetch_add(1, Ordering::Relaxed);
         GuardedStream {
             inner,
             phase: AtomicU8::new(HEADER),
@@ -134,6 +144,7 @@ impl GuardedStream {
             timer: None,
             answer: None,
             connections,
+            first_pending: AtomicBool::new(true),
             _slot: slot,
         }
     }
@@ -141,6 +152,15 @@ impl GuardedStream {
     /// The proxy has the request: stop watching, pass everything through.
     pub fn claim(&self) {
         self.phase.store(CLAIMED, Ordering::Relaxed);
+        self.first_request_arrived();
+    }
+
+    fn first_request_arrived(&self) {
+        if self.first_pending.swap(false, Ordering::Relaxed) {
+            self.connections
+                .first_pending
+                .fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Whether the proxy has claimed the request being received.

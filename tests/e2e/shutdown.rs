@@ -111,3 +111,40 @@ async fn sigterm_ends_open_streams_with_shutting_down_within_the_grace_period() 
     let code = exit_code(&mut fw, Duration::from_secs(5)).await;
     assert_eq!(code, Some(0), "logs:\n{}", fw.logs());
 }
+
+/// A connection accepted before the shutdown whose first request is still
+/// arriving gets its answer: Pingora's own clean-up drops every connection
+/// still waiting for a request header, so floodwall lets first requests
+/// arrive (bounded) before it runs (a binary upgrade hands the listener
+/// over the same way, with clients mid-request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_a_first_request_that_was_still_arriving() {
+    let mock = start_mock().await;
+    let mut fw = Floodwall::start(&policy_with_grace(&mock, "10s")).await;
+    let body = chat_body("late", false).to_string();
+    let mut c = RawConn::connect(fw.addr).await;
+    c.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.write(
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let head = c.read_head(Duration::from_secs(5)).await;
+    assert_eq!(head_status(&head), 200, "{head}\nlogs:\n{}", fw.logs());
+    assert_eq!(
+        head_header(&head, "connection")
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Some("close"),
+        "{head}"
+    );
+    let code = exit_code(&mut fw, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(0), "logs:\n{}", fw.logs());
+}
