@@ -272,20 +272,16 @@ impl FloodwallProxy {
             let value = http::HeaderValue::from_bytes(v).map_err(|_| bad(()))?;
             h.headers.append(name, value);
         }
-        let num = |n: u64| {
-            let mut s = String::with_capacity(20);
-            crate::text::push_u64(&mut s, n);
-            super::headers::value_of(s)
-        };
         if let Some(n) = body_len {
             h.headers
-                .insert(http::header::CONTENT_LENGTH, num(n as u64)?);
+                .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(n));
         }
         h.headers.insert(
             super::headers::names::X_CACHE,
             http::HeaderValue::from_static(x_cache.as_str()),
         );
-        h.headers.insert(http::header::AGE, num(age)?);
+        h.headers
+            .insert(http::header::AGE, http::HeaderValue::from(age));
         self.prepare_response(session, ctx, &mut h)?;
         Ok(ResponseHeader::from(h))
     }

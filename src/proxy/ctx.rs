@@ -21,7 +21,7 @@ pub type Ctx = Box<CtxData>;
 /// Large, rarely used parts are boxed too, so that the allocation stays small.
 pub struct CtxData {
     pub start: Instant,
-    pub request_id: String,
+    pub request_id: super::headers::RequestId,
     pub trace_id: Option<String>,
     pub method: &'static str,
     /// The snapshot this request started on; it keeps it to the end.
@@ -78,7 +78,7 @@ impl CtxData {
     pub fn new() -> Self {
         CtxData {
             start: Instant::now(),
-            request_id: String::new(),
+            request_id: Default::default(),
             trace_id: None,
             method: "OTHER",
             active: None,

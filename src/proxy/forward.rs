@@ -523,7 +523,6 @@ impl FloodwallProxy {
                 answer,
                 resp,
                 held,
-                backend: backend_cfg.name.clone(),
                 bidx,
             }));
             return Ok(Step::Failed(Failed {
@@ -541,7 +540,6 @@ impl FloodwallProxy {
                 answer,
                 resp,
                 held,
-                backend: backend_cfg.name.clone(),
                 bidx,
             });
             drain_and_release(&self.connector, backend, held).await;
@@ -571,7 +569,7 @@ impl FloodwallProxy {
                     }
                 };
                 match waited {
-                    Ok((chunks, _)) => {
+                    Ok(chunks) => {
                         held = chunks;
                         held_for_token = true;
                     }
@@ -868,7 +866,7 @@ pub struct HeldAnswer {
     pub answer: upstream::Answer,
     pub resp: Box<ResponseHeader>,
     pub held: Vec<Bytes>,
-    pub backend: String,
+    /// The backend (index in the snapshot) that gave it.
     pub bidx: usize,
 }
 
@@ -956,7 +954,7 @@ async fn read_prefix(up: &mut HttpSession, max: usize) -> Vec<Bytes> {
 async fn wait_first_token(
     up: &mut HttpSession,
     limit: Duration,
-) -> std::result::Result<(Vec<Bytes>, SseScanner), Failure> {
+) -> std::result::Result<Vec<Bytes>, Failure> {
     let deadline = tokio::time::Instant::now() + limit;
     let mut held = Vec::new();
     let mut sc = SseScanner::new();
@@ -967,11 +965,11 @@ async fn wait_first_token(
                 sc.feed(&c);
                 held.push(c);
                 if sc.first_token {
-                    return Ok((held, sc));
+                    return Ok(held);
                 }
             }
             // The body ended (or broke) before any token: pass on what there is.
-            Ok(Ok(None)) => return Ok((held, sc)),
+            Ok(Ok(None)) => return Ok(held),
             Ok(Err(_)) => return Err(Failure::Reset),
         }
     }

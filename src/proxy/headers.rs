@@ -134,6 +134,50 @@ fn push_u8(out: &mut String, n: u8) {
     out.push(char::from(b'0' + n % 10));
 }
 
+/// A request's id: 1..=128 visible ASCII characters, so it is a header
+/// value and a `str` at once. Made once per request; the upstream request,
+/// the response and floodwall's own answers share its bytes.
+#[derive(Clone)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// `id` from [`accept_request_id`] or [`new_request_id`].
+    pub fn new(id: String) -> Self {
+        RequestId(
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
+                .unwrap_or(HeaderValue::from_static("")),
+        )
+    }
+
+    /// The id as a header value (shares its bytes).
+    pub fn header(&self) -> HeaderValue {
+        self.0.clone()
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        RequestId(HeaderValue::from_static(""))
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An incoming `X-Request-ID` is accepted when it is 1..=128 visible ASCII
 /// characters; otherwise a new one is generated.
 pub fn accept_request_id(v: Option<&[u8]>) -> Option<String> {

@@ -91,7 +91,7 @@ impl FloodwallProxy {
                     .iter()
                     .map(|(k, v)| (*k, v.to_str().unwrap_or_default().to_string())),
             );
-            extra.push(("x-request-id", ctx.request_id.clone()));
+            extra.push(("x-request-id", ctx.request_id.to_string()));
             reject::send(session, &r, &extra, body_read).await?;
             ctx.response_started = true;
             Ok(true)
@@ -167,8 +167,8 @@ impl FloodwallProxy {
     /// end: Pingora's own per-header methods parse and copy every name
     /// again and keep a second map of the names' original case, which cost
     /// more than the rest of this function. Names the client sent go
-    /// upstream as `http` spells them (lower case; HTTP names are
-    /// case-insensitive, and Envoy does the same).
+    /// upstream normalized (standard names title-cased, others lower case;
+    /// HTTP names are case-insensitive, and Envoy does the same).
     fn upstream_request(
         &self,
         session: &Session,
@@ -233,10 +233,7 @@ impl FloodwallProxy {
                 HeaderValue::from_static("http"),
             );
         }
-        h.insert(
-            headers::names::X_REQUEST_ID,
-            headers::value_of(ctx.request_id.clone())?,
-        );
+        h.insert(headers::names::X_REQUEST_ID, ctx.request_id.header());
         if let Some(host) = host {
             h.insert(http::header::HOST, host.clone());
         }
@@ -251,9 +248,7 @@ impl FloodwallProxy {
             {
                 // The client's one Content-Length already says it.
             } else {
-                let mut n = String::with_capacity(20);
-                crate::text::push_u64(&mut n, body_len as u64);
-                h.insert(http::header::CONTENT_LENGTH, headers::value_of(n)?);
+                h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body_len));
             }
         }
         let mut req = RequestHeader::from(parts);
@@ -287,10 +282,7 @@ impl FloodwallProxy {
                 );
             }
         }
-        h.insert(
-            headers::names::X_REQUEST_ID,
-            headers::value_of(ctx.request_id.clone())?,
-        );
+        h.insert(headers::names::X_REQUEST_ID, ctx.request_id.header());
         if let Some(c) = &ctx.cache {
             h.insert(
                 headers::names::X_CACHE,
@@ -369,12 +361,14 @@ impl ProxyHttp for FloodwallProxy {
         ctx.in_flight = Some(self.shared.shutdown.enter());
         let active = self.shared.active();
         let req = session.req_header();
-        ctx.request_id = headers::accept_request_id(
-            req.headers
-                .get(headers::names::X_REQUEST_ID)
-                .map(|v| v.as_bytes()),
-        )
-        .unwrap_or_else(headers::new_request_id);
+        ctx.request_id = headers::RequestId::new(
+            headers::accept_request_id(
+                req.headers
+                    .get(headers::names::X_REQUEST_ID)
+                    .map(|v| v.as_bytes()),
+            )
+            .unwrap_or_else(headers::new_request_id),
+        );
         ctx.trace_id = header_str(req, headers::names::TRACEPARENT)
             .and_then(crate::telemetry::logging::trace_id_from_traceparent)
             .map(str::to_string);
@@ -573,7 +567,7 @@ impl ProxyHttp for FloodwallProxy {
             .as_ref()
             .zip(ctx.route.as_ref())
             .map(|(a, r)| a.backends[r.backend].name_header.clone());
-        let id = headers::value_of(ctx.request_id.clone())?;
+        let id = ctx.request_id.header();
         headers::edit_response(resp, |p| {
             p.headers.insert(headers::names::X_REQUEST_ID, id);
             if let Some(b) = backend {

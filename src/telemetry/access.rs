@@ -85,6 +85,35 @@ fn push_ms(out: &mut String, ms: f64) {
     }
 }
 
+/// `,"name":`
+fn json_key(out: &mut String, name: &str) {
+    out.push_str(",\"");
+    out.push_str(name);
+    out.push_str("\":");
+}
+
+/// ` name=`
+fn text_key(out: &mut String, name: &str) {
+    out.push(' ');
+    out.push_str(name);
+    out.push('=');
+}
+
+/// The numeric fields both formats write in the same order; `key` writes
+/// a field's name the format's way.
+fn push_numbers(out: &mut String, line: &AccessLine<'_>, key: fn(&mut String, &str)) {
+    key(out, "status");
+    push_u64(out, u64::from(line.status));
+    key(out, "latency_ms");
+    push_ms(out, line.latency_ms);
+    key(out, "attempts");
+    push_u64(out, u64::from(line.attempts));
+    key(out, "bytes_in");
+    push_u64(out, line.bytes_in);
+    key(out, "bytes_out");
+    push_u64(out, line.bytes_out);
+}
+
 /// Format the line (without the trailing newline).
 pub fn format(line: &AccessLine<'_>, format: LogFormat, timestamp: &str) -> String {
     let mut o = String::with_capacity(384);
@@ -107,23 +136,12 @@ pub fn format(line: &AccessLine<'_>, format: LogFormat, timestamp: &str) -> Stri
             ];
             for (k, v) in strs {
                 if !v.is_empty() || matches!(k, "request_id" | "route") {
-                    o.push_str(",\"");
-                    o.push_str(k);
-                    o.push_str("\":");
+                    json_key(&mut o, k);
                     json_str(&mut o, v);
                 }
             }
-            o.push_str(",\"status\":");
-            push_u64(&mut o, u64::from(line.status));
-            o.push_str(",\"latency_ms\":");
-            push_ms(&mut o, line.latency_ms);
-            o.push_str(",\"attempts\":");
-            push_u64(&mut o, u64::from(line.attempts));
-            o.push_str(",\"bytes_in\":");
-            push_u64(&mut o, line.bytes_in);
-            o.push_str(",\"bytes_out\":");
-            push_u64(&mut o, line.bytes_out);
-            o.push_str(",\"tokens\":");
+            push_numbers(&mut o, line, json_key);
+            json_key(&mut o, "tokens");
             push_u64(&mut o, line.tokens);
             o.push('}');
         }
@@ -138,16 +156,7 @@ pub fn format(line: &AccessLine<'_>, format: LogFormat, timestamp: &str) -> Stri
                 o.push_str(k);
                 o.push_str(v);
             }
-            o.push_str(" status=");
-            push_u64(&mut o, u64::from(line.status));
-            o.push_str(" latency_ms=");
-            push_ms(&mut o, line.latency_ms);
-            o.push_str(" attempts=");
-            push_u64(&mut o, u64::from(line.attempts));
-            o.push_str(" bytes_in=");
-            push_u64(&mut o, line.bytes_in);
-            o.push_str(" bytes_out=");
-            push_u64(&mut o, line.bytes_out);
+            push_numbers(&mut o, line, text_key);
             for (k, v) in [
                 (" trace_id=", line.trace_id),
                 (" reason=", line.reason),

@@ -100,6 +100,15 @@ pub fn verify(
     token: &str,
     now_unix_secs: u64,
 ) -> Result<Map<String, Value>, JwtError> {
+    verify_with_times(source, token, now_unix_secs).map(|(claims, _)| claims)
+}
+
+/// [`verify`], also returning the token's `exp` and `nbf` (for the cache).
+fn verify_with_times(
+    source: &JwtSource,
+    token: &str,
+    now_unix_secs: u64,
+) -> Result<(Map<String, Value>, Times), JwtError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(JwtError::Malformed("longer than 16 KiB"));
     }
@@ -152,7 +161,8 @@ pub fn verify(
         b64_decode(payload_b64, true).ok_or(JwtError::Malformed("the payload is not base64url"))?;
     let claims: Map<String, Value> = serde_json::from_slice(&payload)
         .map_err(|_| JwtError::Malformed("the payload is not a JSON object"))?;
-    times(&claims)?.check(source, now_unix_secs)?;
+    let times = times(&claims)?;
+    times.check(source, now_unix_secs)?;
     if let Some(issuer) = &source.issuer {
         if claims.get("iss").and_then(Value::as_str) != Some(issuer.as_str()) {
             return Err(JwtError::WrongIssuer);
@@ -168,7 +178,7 @@ pub fn verify(
             return Err(JwtError::WrongAudience);
         }
     }
-    Ok(claims)
+    Ok((claims, times))
 }
 
 /// A token's `exp` and `nbf` claims, as numbers.
@@ -248,8 +258,8 @@ pub fn verify_cached(
         times.check(source, now_unix_secs)?;
         return Ok(claims);
     }
-    let claims = Arc::new(verify(source, token, now_unix_secs)?);
-    let times = times(&claims)?;
+    let (claims, times) = verify_with_times(source, token, now_unix_secs)?;
+    let claims = Arc::new(claims);
     let mut cache = source.verified.lock();
     if cache.len() >= VERIFIED_MAX {
         cache.clear();
