@@ -55,7 +55,7 @@ pub struct CtxData {
     /// Tokens and cost reserved at admission, reconciled when the response ends.
     pub reservation: Option<crate::policy::ratelimit::Reservation>,
     /// `X-RateLimit-*` and IETF `RateLimit*` headers for every response of a limited route.
-    pub rate_headers: Vec<(&'static str, http::HeaderValue)>,
+    pub rate_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Usage read from the response (JSON `usage` or the SSE stream).
     pub usage: Option<Box<super::limits::UsageTracker>>,
     /// Tokens charged when the request ended, and whether they were estimated.

@@ -85,13 +85,13 @@ impl FloodwallProxy {
                 warn!(request_id = %ctx.request_id, reason = r.reason.code(), "{}", r.message);
             }
             self.shared.metrics.local_response(r.reason.code());
-            let mut extra = ctx.cors.clone();
-            extra.extend(
-                ctx.rate_headers
-                    .iter()
-                    .map(|(k, v)| (*k, v.to_str().unwrap_or_default().to_string())),
-            );
-            extra.push(("x-request-id", ctx.request_id.to_string()));
+            let mut extra: Vec<(http::HeaderName, HeaderValue)> = ctx
+                .cors
+                .iter()
+                .filter_map(|(k, v)| Some((k.parse().ok()?, v.parse().ok()?)))
+                .collect();
+            extra.extend(ctx.rate_headers.iter().cloned());
+            extra.push((headers::names::X_REQUEST_ID, ctx.request_id.header()));
             reject::send(session, &r, &extra, body_read).await?;
             ctx.response_started = true;
             Ok(true)
@@ -294,7 +294,7 @@ impl FloodwallProxy {
         }
         headers::add_cors(h, &ctx.cors)?;
         for (k, v) in &ctx.rate_headers {
-            h.insert(http::HeaderName::from_static(k), v.clone());
+            h.insert(k.clone(), v.clone());
         }
         Ok(())
     }
@@ -451,12 +451,14 @@ impl ProxyHttp for FloodwallProxy {
         };
         let mut doc: Option<serde_json::Value> = None;
         if parse_json {
-            let keep_doc = !route.request.fields.is_empty()
-                || snap.limits.identity.needs_body_doc()
-                || route.cache.is_some();
+            // `request.fields` checks read their paths in one pass of their
+            // own; the whole document is built only for what reads it.
+            let keep_doc = snap.limits.identity.needs_body_doc() || route.cache.is_some();
             match request::parse(&ctx.body, keep_doc) {
                 Ok(Some((fields, parsed))) => {
-                    if let Err(e) = request::check(&route.request, &fields, parsed.as_ref()) {
+                    if let Err(e) =
+                        request::check(&route.request, &fields, parsed.as_ref(), &ctx.body)
+                    {
                         return self.reject(session, ctx, body_reject(e), true).await;
                     }
                     ctx.llm = Some(fields);
@@ -470,7 +472,9 @@ impl ProxyHttp for FloodwallProxy {
                     return self.reject(session, ctx, r, true).await;
                 }
                 Ok(None) => {
-                    if let Err(e) = request::check(&route.request, &Default::default(), None) {
+                    if let Err(e) =
+                        request::check(&route.request, &Default::default(), None, &ctx.body)
+                    {
                         return self.reject(session, ctx, body_reject(e), true).await;
                     }
                 }

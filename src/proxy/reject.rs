@@ -233,13 +233,13 @@ pub fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
 pub async fn send(
     session: &mut Session,
     reject: &Reject,
-    extra: &[(&'static str, String)],
+    extra: &[(http::HeaderName, http::HeaderValue)],
     body_fully_read: bool,
 ) -> pingora::Result<()> {
     let body = reject.body();
     let mut h = reject.header(body.len())?;
     for (k, v) in extra {
-        h.insert_header(*k, v.as_str())?;
+        h.insert_header(k.clone(), v.clone())?;
     }
     if !body_fully_read {
         session.set_keepalive(None);

@@ -14,7 +14,9 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{FieldCheck, FieldFormat, RequestPolicy};
+use crate::config::RequestPolicy;
+
+mod field_checks;
 
 /// The LLM-relevant fields of a JSON request body.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -432,10 +434,13 @@ fn fields_of(raw: Raw) -> LlmFields {
 }
 
 /// Apply the route's `max_messages`, `max_prompt_chars` and `fields` checks.
+/// `doc`: the parsed document when the caller has one; otherwise the
+/// fields are read from `body` (valid JSON, or blank) in one pass.
 pub fn check(
     policy: &RequestPolicy,
     fields: &LlmFields,
     doc: Option<&Value>,
+    body: &[u8],
 ) -> Result<(), BodyError> {
     if let Some(max) = policy.max_messages {
         if fields.message_count > max {
@@ -453,75 +458,31 @@ pub fn check(
             )));
         }
     }
-    for f in &policy.fields {
-        check_field(f, doc)?;
+    if policy.fields.is_empty() {
+        return Ok(());
     }
-    Ok(())
-}
-
-fn lookup<'a>(doc: Option<&'a Value>, segments: &[String]) -> Option<&'a Value> {
-    let mut cur = doc?;
-    for s in segments {
-        cur = match cur {
-            Value::Object(m) => m.get(s)?,
-            Value::Array(a) => a.get(s.parse::<usize>().ok()?)?,
-            _ => return None,
-        };
-    }
-    Some(cur)
-}
-
-fn check_field(f: &FieldCheck, doc: Option<&Value>) -> Result<(), BodyError> {
-    let path = &f.path;
-    let v = match lookup(doc, &f.segments) {
-        None | Some(Value::Null) => {
-            if f.required || f.min_chars.is_some_and(|m| m > 0) {
-                return Err(BodyError::TooLarge(format!("`{path}` is required")));
+    let parsed: Option<Value>;
+    let doc = match doc {
+        Some(d) => Some(d),
+        // More paths than one pass follows: parse the document (no policy
+        // in practice has this many).
+        None if policy.fields.len() > field_checks::MAX_PROBED => {
+            parsed = match body.iter().all(u8::is_ascii_whitespace) {
+                true => None,
+                false => Some(serde_json::from_slice(body).map_err(json_error)?),
+            };
+            parsed.as_ref()
+        }
+        None => {
+            let seen = field_checks::probe(body, &policy.fields).map_err(json_error)?;
+            for (f, seen) in policy.fields.iter().zip(seen) {
+                field_checks::check(f, seen)?;
             }
             return Ok(());
         }
-        Some(v) => v,
     };
-    let Some(s) = v.as_str() else {
-        if f.min_chars.is_some()
-            || f.max_chars.is_some()
-            || f.max_bytes.is_some()
-            || f.format.is_some()
-        {
-            return Err(BodyError::TooLarge(format!("`{path}` must be a string")));
-        }
-        return Ok(());
-    };
-    if f.min_chars.is_some() || f.max_chars.is_some() {
-        let n = s.chars().count();
-        if let Some(min) = f.min_chars {
-            if n < min {
-                return Err(BodyError::TooLarge(format!(
-                    "`{path}` is {n} characters; the minimum is {min}"
-                )));
-            }
-        }
-        if let Some(max) = f.max_chars {
-            if n > max {
-                return Err(BodyError::TooLarge(format!(
-                    "`{path}` is {n} characters; the limit is {max}"
-                )));
-            }
-        }
-    }
-    if let Some(max) = f.max_bytes {
-        if s.len() > max {
-            return Err(BodyError::TooLarge(format!(
-                "`{path}` is {} bytes; the limit is {max} bytes",
-                s.len()
-            )));
-        }
-    }
-    if f.format == Some(FieldFormat::Uuid) && !is_uuid(s) {
-        return Err(BodyError::TooLarge(format!(
-            "`{path}` must be a UUID (8-4-4-4-12 hex digits); got {} characters",
-            s.chars().count()
-        )));
+    for f in &policy.fields {
+        field_checks::check(f, field_checks::seen_in(f, doc))?;
     }
     Ok(())
 }
@@ -572,7 +533,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::config::JsonMode;
+    use crate::config::{FieldCheck, FieldFormat, JsonMode};
 
     fn policy() -> RequestPolicy {
         RequestPolicy {
@@ -648,7 +609,7 @@ mod tests {
             message_count: 3,
             ..Default::default()
         };
-        let e = check(&p, &f, None).unwrap_err().to_string();
+        let e = check(&p, &f, None, b"").unwrap_err().to_string();
         assert!(e.contains("3 messages") && e.contains("limit is 1"), "{e}");
         p.max_messages = None;
         p.max_prompt_chars = Some(10);
@@ -656,26 +617,32 @@ mod tests {
             prompt_chars: 11,
             ..Default::default()
         };
-        let e = check(&p, &f, None).unwrap_err().to_string();
+        let e = check(&p, &f, None, b"").unwrap_err().to_string();
         assert!(
             e.contains("11 characters") && e.contains("limit is 10"),
             "{e}"
         );
     }
 
+    /// `check` on `body`, read in one pass and from the parsed tree: the
+    /// two must agree.
+    fn check_body(p: &RequestPolicy, body: &str) -> Result<(), BodyError> {
+        let doc: Value = serde_json::from_str(body).unwrap();
+        let probed = check(p, &LlmFields::default(), None, body.as_bytes());
+        let parsed = check(p, &LlmFields::default(), Some(&doc), body.as_bytes());
+        assert_eq!(probed, parsed, "{body}");
+        probed
+    }
+
     #[test]
     fn field_checks() {
-        let doc: Value = serde_json::from_str(
-            r#"{"query":"hello world","metadata":{"sessionId":"not-a-uuid"},"image":"aGVsbG8="}"#,
-        )
-        .unwrap();
+        let doc =
+            r#"{"query":"hello world","metadata":{"sessionId":"not-a-uuid"},"image":"aGVsbG8="}"#;
         let mut p = policy();
         let mut q = field("query");
         q.max_chars = Some(5);
         p.fields = vec![q];
-        let e = check(&p, &LlmFields::default(), Some(&doc))
-            .unwrap_err()
-            .to_string();
+        let e = check_body(&p, doc).unwrap_err().to_string();
         assert!(
             e.contains("`query` is 11 characters; the limit is 5"),
             "{e}"
@@ -684,26 +651,18 @@ mod tests {
         let mut s = field("metadata.sessionId");
         s.format = Some(FieldFormat::Uuid);
         p.fields = vec![s.clone()];
-        let e = check(&p, &LlmFields::default(), Some(&doc))
-            .unwrap_err()
-            .to_string();
+        let e = check_body(&p, doc).unwrap_err().to_string();
         assert!(
             e.contains("metadata.sessionId") && e.contains("UUID"),
             "{e}"
         );
-
-        let ok: Value = serde_json::from_str(
-            r#"{"metadata":{"sessionId":"123e4567-e89b-12d3-a456-426614174000"}}"#,
-        )
-        .unwrap();
-        assert!(check(&p, &LlmFields::default(), Some(&ok)).is_ok());
+        let ok = r#"{"metadata":{"sessionId":"123e4567-e89b-12d3-a456-426614174000"}}"#;
+        assert!(check_body(&p, ok).is_ok());
 
         let mut img = field("image");
         img.max_bytes = Some(4);
         p.fields = vec![img];
-        let e = check(&p, &LlmFields::default(), Some(&doc))
-            .unwrap_err()
-            .to_string();
+        let e = check_body(&p, doc).unwrap_err().to_string();
         assert!(
             e.contains("8 bytes") && e.contains("limit is 4 bytes"),
             "{e}"
@@ -711,11 +670,27 @@ mod tests {
 
         let mut prompt = field("prompt");
         prompt.min_chars = Some(1);
-        p.fields = vec![prompt];
-        let e = check(&p, &LlmFields::default(), Some(&doc))
-            .unwrap_err()
-            .to_string();
+        p.fields = vec![prompt.clone()];
+        let e = check_body(&p, doc).unwrap_err().to_string();
         assert!(e.contains("`prompt` is required"), "{e}");
+        // A blank body has no fields.
+        let e = check(&p, &LlmFields::default(), None, b" ").unwrap_err();
+        assert!(e.to_string().contains("`prompt` is required"), "{e}");
+
+        // The first failing check, in the policy's order, is the one reported.
+        let mut q = field("query");
+        q.max_chars = Some(5);
+        let mut n = field("metadata");
+        n.max_bytes = Some(1);
+        p.fields = vec![n, q];
+        let e = check_body(&p, doc).unwrap_err().to_string();
+        assert!(e.contains("`metadata` must be a string"), "{e}");
+
+        // More paths than one pass follows: the document is parsed instead.
+        p.fields = (0..=64).map(|i| field(&format!("f{i}"))).collect();
+        p.fields.push(prompt);
+        let e = check(&p, &LlmFields::default(), None, doc.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("`prompt` is required"), "{e}");
     }
 
     #[test]

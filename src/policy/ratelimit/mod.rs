@@ -189,20 +189,42 @@ impl RateHeaders {
         ]
     }
 
-    /// The same, as header values (the strings are moved, not copied).
-    pub fn into_values(self) -> Vec<(&'static str, http::HeaderValue)> {
-        let value = |s: String| http::HeaderValue::from_maybe_shared(bytes::Bytes::from(s)).ok();
-        // `http` writes numbers itself, without the formatting machinery.
-        [
-            ("x-ratelimit-limit", Some(self.limit.into())),
-            ("x-ratelimit-remaining", Some(self.remaining.into())),
-            ("x-ratelimit-reset", Some(self.reset_secs.into())),
-            ("ratelimit-policy", value(self.policy)),
-            ("ratelimit", value(self.ratelimit)),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| Some((k, v?)))
-        .collect()
+    /// The same, as header values. All five are slices of one buffer: one
+    /// allocation, and cloning them onto a response only counts references.
+    pub fn into_values(self) -> Vec<(http::HeaderName, http::HeaderValue)> {
+        use http::HeaderName;
+        const NAMES: [HeaderName; 5] = [
+            HeaderName::from_static("x-ratelimit-limit"),
+            HeaderName::from_static("x-ratelimit-remaining"),
+            HeaderName::from_static("x-ratelimit-reset"),
+            HeaderName::from_static("ratelimit-policy"),
+            HeaderName::from_static("ratelimit"),
+        ];
+        let mut text = String::with_capacity(60 + self.policy.len() + self.ratelimit.len());
+        let mut ends = [0usize; 5];
+        for (i, n) in [self.limit, self.remaining, self.reset_secs]
+            .into_iter()
+            .enumerate()
+        {
+            push_u64(&mut text, n);
+            ends[i] = text.len();
+        }
+        text.push_str(&self.policy);
+        ends[3] = text.len();
+        text.push_str(&self.ratelimit);
+        ends[4] = text.len();
+        let text = bytes::Bytes::from(text);
+        let mut start = 0;
+        let mut out = Vec::with_capacity(5);
+        for (name, end) in NAMES.into_iter().zip(ends) {
+            // Rule names are checked when the policy loads; a value that is
+            // still not a valid header value is left out.
+            if let Ok(v) = http::HeaderValue::from_maybe_shared(text.slice(start..end)) {
+                out.push((name, v));
+            }
+            start = end;
+        }
+        out
     }
 }
 
@@ -1082,35 +1104,62 @@ fn headers(plans: &[Plan], slots: &[Slot], refused_by: Option<usize>) -> Option<
 
 /// The rule's key for a request: its parts joined with `|`.
 pub fn rule_key(rule: &RateLimitRule, req: &LimitRequest<'_>) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(48);
     for (i, part) in rule.key.iter().enumerate() {
         if i > 0 {
             out.push('|');
         }
-        let value: Option<std::borrow::Cow<'_, str>> = match part {
-            KeyPart::Global => Some("global".into()),
-            KeyPart::Ip => req.identity.ip.map(|ip| ip.to_string().into()),
-            KeyPart::User => req.identity.user.as_deref().map(Into::into),
-            KeyPart::Tier => Some(req.identity.tier.as_str().into()),
-            KeyPart::Route => Some(req.route.into()),
-            KeyPart::Model => req.llm.and_then(|l| l.model.as_deref()).map(Into::into),
+        let value: Option<&str> = match part {
+            KeyPart::Global => Some("global"),
+            KeyPart::Ip => {
+                match req.identity.ip {
+                    Some(ip) => push_ip(&mut out, ip),
+                    None => out.push('-'),
+                }
+                continue;
+            }
+            KeyPart::User => req.identity.user.as_deref(),
+            KeyPart::Tier => Some(req.identity.tier.as_str()),
+            KeyPart::Route => Some(req.route),
+            KeyPart::Model => req.llm.and_then(|l| l.model.as_deref()),
             KeyPart::Header(name) => req
                 .headers
                 .get(name.as_str())
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .map(Into::into),
+                .filter(|v| !v.is_empty()),
         };
         match value {
-            Some(v) => push_escaped(&mut out, &bounded(&v)),
+            Some(v) => push_escaped(&mut out, &bounded(v)),
             None => out.push('-'),
         }
     }
     out
 }
 
+/// An address as `Display` writes it (IPv4 without the `fmt` machinery).
+fn push_ip(out: &mut String, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_u64(out, u64::from(octet));
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 fn push_escaped(out: &mut String, value: &str) {
+    if !value.bytes().any(|b| b == b'|' || b == b'%') {
+        out.push_str(value);
+        return;
+    }
     for c in value.chars() {
         match c {
             '|' => out.push_str("%7C"),
