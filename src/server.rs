@@ -23,13 +23,16 @@ use crate::reload::{ReloadService, Reloader};
 use crate::state::Shared;
 use crate::telemetry::Metrics;
 
-/// Read buffer of each client connection. Pingora's default is 64 KiB,
-/// sized for TLS records; floodwall's proxy listeners are plain TCP, and a
-/// request body larger than the buffer is read straight into the body
-/// reader's own buffer, bypassing it. The buffer lives as long as the
-/// connection, so for thousands of long-lived streams it is most of what
-/// an idle stream costs once the allocator has reused (and zeroed) memory.
-const CLIENT_READ_BUFFER: usize = 16 * 1024;
+/// Read buffer of each client connection: none. Pingora's default is a
+/// 64 KiB `BufReader`, sized for TLS records and allocated zeroed, so once
+/// the allocator reuses memory all of it is resident for as long as the
+/// connection lives (most of what an idle stream costs). floodwall's proxy
+/// listeners are plain TCP, and Pingora's HTTP/1 session reads the request
+/// header into its own buffer and the body into its body reader's, so a
+/// read buffer below them only adds a copy. Without it a request's bytes go
+/// straight from the socket into those buffers; a body that arrives with
+/// its header past the first 4 KiB costs one more `read(2)`.
+const CLIENT_READ_BUFFER: usize = 0;
 
 pub struct RunOptions {
     pub config: PathBuf,
