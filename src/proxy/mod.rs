@@ -451,18 +451,16 @@ impl ProxyHttp for FloodwallProxy {
         };
         let mut doc: Option<serde_json::Value> = None;
         if parse_json {
-            // `request.fields` checks read their paths in one pass of their
-            // own; the whole document is built only for what reads it.
+            // `request.fields` checks read their paths in the parse's own
+            // pass; the whole document is built only for what reads it.
             let keep_doc = snap.limits.identity.needs_body_doc() || route.cache.is_some();
-            match request::parse(&ctx.body, keep_doc) {
-                Ok(Some((fields, parsed))) => {
-                    if let Err(e) =
-                        request::check(&route.request, &fields, parsed.as_ref(), &ctx.body)
-                    {
+            match request::parse(&ctx.body, keep_doc, &route.request.fields) {
+                Ok(Some(parsed)) => {
+                    if let Err(e) = request::check(&route.request, Some(&parsed), &ctx.body) {
                         return self.reject(session, ctx, body_reject(e), true).await;
                     }
-                    ctx.llm = Some(fields);
-                    doc = parsed;
+                    ctx.llm = Some(parsed.llm);
+                    doc = parsed.doc;
                 }
                 Ok(None) if route.request.json == JsonMode::Required => {
                     let r = Reject::new(
@@ -472,9 +470,7 @@ impl ProxyHttp for FloodwallProxy {
                     return self.reject(session, ctx, r, true).await;
                 }
                 Ok(None) => {
-                    if let Err(e) =
-                        request::check(&route.request, &Default::default(), None, &ctx.body)
-                    {
+                    if let Err(e) = request::check(&route.request, None, &ctx.body) {
                         return self.reject(session, ctx, body_reject(e), true).await;
                     }
                 }

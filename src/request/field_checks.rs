@@ -98,6 +98,78 @@ pub fn probe(body: &[u8], checks: &[FieldCheck]) -> Result<Vec<Seen>, serde_json
     Ok(out)
 }
 
+/// The checks' paths at the root object of a pass that also reads other
+/// keys of it (`request::parse` reads the LLM fields in the same pass).
+pub struct Probe<'a> {
+    checks: &'a [FieldCheck],
+    out: Vec<Seen>,
+}
+
+impl<'a> Probe<'a> {
+    /// At most [`MAX_PROBED`] checks.
+    pub fn new(checks: &'a [FieldCheck]) -> Probe<'a> {
+        debug_assert!(checks.len() <= MAX_PROBED);
+        Probe {
+            checks,
+            out: vec![Seen::Absent; checks.len()],
+        }
+    }
+
+    /// The checks whose path starts with `key`.
+    fn key_mask(&self, key: &str) -> u64 {
+        self.checks
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.segments[0] == key)
+            .fold(0, |m, (i, _)| m | 1 << i)
+    }
+
+    /// The seed for the value of a root key whose mask is `mask`.
+    pub fn value(&mut self, mask: u64) -> impl for<'de> DeserializeSeed<'de, Value = ()> + '_ {
+        At {
+            checks: self.checks,
+            mask,
+            depth: 1,
+            out: &mut self.out,
+        }
+    }
+
+    /// What each check's path holds.
+    pub fn finish(self) -> Vec<Seen> {
+        self.out
+    }
+}
+
+/// A root key: what the caller makes of it (`classify`), and the mask of
+/// the checks whose path starts with it.
+pub struct RootKey<'p, 'a, K> {
+    probe: &'p Probe<'a>,
+    classify: fn(&str) -> Option<K>,
+}
+
+impl<'p, 'a, K> RootKey<'p, 'a, K> {
+    pub fn new(probe: &'p Probe<'a>, classify: fn(&str) -> Option<K>) -> Self {
+        RootKey { probe, classify }
+    }
+}
+
+impl<'de, K> DeserializeSeed<'de> for RootKey<'_, '_, K> {
+    type Value = (Option<K>, u64);
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de, K> Visitor<'de> for RootKey<'_, '_, K> {
+    type Value = (Option<K>, u64);
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(((self.classify)(s), self.probe.key_mask(s)))
+    }
+}
+
 /// The bits of `mask`, as indices.
 fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {

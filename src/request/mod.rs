@@ -14,7 +14,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::RequestPolicy;
+use crate::config::{FieldCheck, RequestPolicy};
 
 mod field_checks;
 
@@ -41,22 +41,138 @@ pub enum BodyError {
 /// Unknown fields are skipped by serde without building values for them,
 /// and the fields read are read leniently: a field of an unexpected type
 /// counts as absent (the request is still valid JSON and goes on).
-#[derive(Deserialize)]
+#[derive(Default)]
 struct Raw {
-    #[serde(default)]
     model: Loose<String>,
-    #[serde(default)]
     stream: Loose<bool>,
-    #[serde(default)]
     max_tokens: Loose<u64>,
-    #[serde(default)]
     max_completion_tokens: Loose<u64>,
-    #[serde(default)]
     user: Loose<String>,
-    #[serde(default)]
     messages: Messages,
-    #[serde(default)]
     prompt: Loose<Chars>,
+}
+
+/// The top-level keys [`Raw`] reads.
+#[derive(Clone, Copy)]
+enum RawKey {
+    Model,
+    Stream,
+    MaxTokens,
+    MaxCompletionTokens,
+    User,
+    Messages,
+    Prompt,
+}
+
+impl RawKey {
+    fn of(key: &str) -> Option<RawKey> {
+        Some(match key {
+            "model" => RawKey::Model,
+            "stream" => RawKey::Stream,
+            "max_tokens" => RawKey::MaxTokens,
+            "max_completion_tokens" => RawKey::MaxCompletionTokens,
+            "user" => RawKey::User,
+            "messages" => RawKey::Messages,
+            "prompt" => RawKey::Prompt,
+            _ => return None,
+        })
+    }
+    fn name(self) -> &'static str {
+        match self {
+            RawKey::Model => "model",
+            RawKey::Stream => "stream",
+            RawKey::MaxTokens => "max_tokens",
+            RawKey::MaxCompletionTokens => "max_completion_tokens",
+            RawKey::User => "user",
+            RawKey::Messages => "messages",
+            RawKey::Prompt => "prompt",
+        }
+    }
+}
+
+/// Reads one [`RawKey`]'s value into `raw`.
+struct RawField<'a> {
+    raw: &'a mut Raw,
+    key: RawKey,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for RawField<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        let r = self.raw;
+        match self.key {
+            RawKey::Model => r.model = Deserialize::deserialize(d)?,
+            RawKey::Stream => r.stream = Deserialize::deserialize(d)?,
+            RawKey::MaxTokens => r.max_tokens = Deserialize::deserialize(d)?,
+            RawKey::MaxCompletionTokens => r.max_completion_tokens = Deserialize::deserialize(d)?,
+            RawKey::User => r.user = Deserialize::deserialize(d)?,
+            RawKey::Messages => r.messages = Deserialize::deserialize(d)?,
+            RawKey::Prompt => r.prompt = Deserialize::deserialize(d)?,
+        }
+        Ok(())
+    }
+}
+
+/// The root object, read in one pass: [`Raw`]'s keys, and the
+/// `request.fields` paths of `probe` (see `field_checks`). A repeated
+/// [`Raw`] key is a data error, as serde's derived structs make it.
+struct RawAndFields<'p, 'c>(&'p mut field_checks::Probe<'c>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for RawAndFields<'_, '_> {
+    type Value = Raw;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Raw, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for RawAndFields<'_, '_> {
+    type Value = Raw;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Raw, A::Error> {
+        use serde::de::{DeserializeSeed, Error};
+        let probe = self.0;
+        let mut raw = Raw::default();
+        let mut read = [false; 7];
+        while let Some((key, mask)) =
+            a.next_key_seed(field_checks::RootKey::new(&*probe, RawKey::of))?
+        {
+            match (key, mask) {
+                (None, 0) => {
+                    a.next_value::<IgnoredAny>()?;
+                }
+                (None, _) => a.next_value_seed(probe.value(mask))?,
+                (Some(k), _) if read[k as usize] => {
+                    return Err(A::Error::duplicate_field(k.name()))
+                }
+                (Some(k), 0) => {
+                    read[k as usize] = true;
+                    a.next_value_seed(RawField {
+                        raw: &mut raw,
+                        key: k,
+                    })?;
+                }
+                (Some(k), _) => {
+                    // Read by both (a check on an LLM field itself): keep the
+                    // value once and read it twice.
+                    read[k as usize] = true;
+                    let v: Value = a.next_value()?;
+                    RawField {
+                        raw: &mut raw,
+                        key: k,
+                    }
+                    .deserialize(&v)
+                    .map_err(A::Error::custom)?;
+                    probe
+                        .value(mask)
+                        .deserialize(&v)
+                        .map_err(A::Error::custom)?;
+                }
+            }
+        }
+        Ok(raw)
+    }
 }
 
 /// A value of type `T`, or `None` when the JSON value has another type.
@@ -369,47 +485,81 @@ impl<'de> Deserialize<'de> for Part {
     }
 }
 
+/// A parsed JSON request body.
+#[derive(Debug)]
+pub struct Parsed {
+    pub llm: LlmFields,
+    /// The whole document, when asked for.
+    pub doc: Option<Value>,
+    /// What each `request.fields` path holds, when read in the same pass
+    /// (in the order of the checks given to [`parse`]).
+    seen: Option<Vec<field_checks::Seen>>,
+}
+
 /// Parse a JSON body. `Ok(None)` for an empty body.
 pub fn parse_llm(body: &[u8]) -> Result<Option<(LlmFields, Option<Value>)>, BodyError> {
-    parse(body, false)
+    Ok(parse(body, false, &[])?.map(|p| (p.llm, p.doc)))
 }
 
 /// Parse a JSON body, also returning the whole document when `keep_value`
-/// (needed by `request.fields` checks on arbitrary paths).
+/// (an identity source or a cache key reads it). Otherwise the paths of
+/// `checks` (the route's `request.fields`) are read in the same pass, for
+/// [`check`]. `Ok(None)` for an empty body.
 pub fn parse(
     body: &[u8],
     keep_value: bool,
-) -> Result<Option<(LlmFields, Option<Value>)>, BodyError> {
+    checks: &[FieldCheck],
+) -> Result<Option<Parsed>, BodyError> {
+    use serde::de::DeserializeSeed;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
     if keep_value {
         let v: Value = serde_json::from_slice(body).map_err(json_error)?;
-        let fields = match v.is_object() {
-            // Read from the tree by reference (not `from_value`, which
-            // would need a deep copy of it).
-            true => Raw::deserialize(&v).map(fields_of).unwrap_or_default(),
+        let llm = match v.is_object() {
+            // Read from the tree by reference (no deep copy of it).
+            true => RawAndFields(&mut field_checks::Probe::new(&[]))
+                .deserialize(&v)
+                .map(fields_of)
+                .unwrap_or_default(),
             false => LlmFields::default(),
         };
-        return Ok(Some((fields, Some(v))));
+        return Ok(Some(Parsed {
+            llm,
+            doc: Some(v),
+            seen: None,
+        }));
     }
-    // Validate the whole document's syntax, then pick fields when it is an
-    // object (serde would otherwise read an array positionally into `Raw`).
+    // Pick fields when the document is an object; any other shape is
+    // validated whole and yields none.
     let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    if !is_object {
-        serde_json::from_slice::<IgnoredAny>(body).map_err(json_error)?;
-        return Ok(Some((LlmFields::default(), None)));
-    }
-    match serde_json::from_slice::<Raw>(body) {
-        Ok(raw) => Ok(Some((fields_of(raw), None))),
-        Err(e) if e.is_data() => {
-            // Valid JSON of another shape (an array, or `messages` not a list):
-            // check the syntax alone and extract nothing.
-            serde_json::from_slice::<IgnoredAny>(body).map_err(json_error)?;
-            Ok(Some((LlmFields::default(), None)))
+    if is_object {
+        let probed = checks.len() <= field_checks::MAX_PROBED;
+        let mut probe = field_checks::Probe::new(if probed { checks } else { &[] });
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let read = RawAndFields(&mut probe)
+            .deserialize(&mut de)
+            .and_then(|raw| de.end().map(|()| raw));
+        match read {
+            Ok(raw) => {
+                return Ok(Some(Parsed {
+                    llm: fields_of(raw),
+                    doc: None,
+                    seen: probed.then(|| probe.finish()),
+                }))
+            }
+            // Valid JSON of another shape (`messages` not a list, a key
+            // twice): check the syntax alone and extract nothing.
+            Err(e) if e.is_data() => {}
+            Err(e) => return Err(json_error(e)),
         }
-        Err(e) => Err(json_error(e)),
     }
+    serde_json::from_slice::<IgnoredAny>(body).map_err(json_error)?;
+    Ok(Some(Parsed {
+        llm: LlmFields::default(),
+        doc: None,
+        seen: None,
+    }))
 }
 
 fn json_error(e: serde_json::Error) -> BodyError {
@@ -433,15 +583,18 @@ fn fields_of(raw: Raw) -> LlmFields {
     }
 }
 
-/// Apply the route's `max_messages`, `max_prompt_chars` and `fields` checks.
-/// `doc`: the parsed document when the caller has one; otherwise the
-/// fields are read from `body` (valid JSON, or blank) in one pass.
+/// Apply the route's `max_messages`, `max_prompt_chars` and `fields` checks
+/// to a body [`parse`]d with this policy's `fields` (`None`: an empty body).
+/// The fields come from the parse's own pass, or its document; failing
+/// both, from `body` (valid JSON, or blank) in a pass of their own.
 pub fn check(
     policy: &RequestPolicy,
-    fields: &LlmFields,
-    doc: Option<&Value>,
+    parsed: Option<&Parsed>,
     body: &[u8],
 ) -> Result<(), BodyError> {
+    let none = LlmFields::default();
+    let fields = parsed.map_or(&none, |p| &p.llm);
+    let doc = parsed.and_then(|p| p.doc.as_ref());
     if let Some(max) = policy.max_messages {
         if fields.message_count > max {
             return Err(BodyError::TooLarge(format!(
@@ -461,17 +614,23 @@ pub fn check(
     if policy.fields.is_empty() {
         return Ok(());
     }
-    let parsed: Option<Value>;
+    if let Some(seen) = parsed.and_then(|p| p.seen.as_ref()) {
+        for (f, seen) in policy.fields.iter().zip(seen) {
+            field_checks::check(f, *seen)?;
+        }
+        return Ok(());
+    }
+    let whole: Option<Value>;
     let doc = match doc {
         Some(d) => Some(d),
         // More paths than one pass follows: parse the document (no policy
         // in practice has this many).
         None if policy.fields.len() > field_checks::MAX_PROBED => {
-            parsed = match body.iter().all(u8::is_ascii_whitespace) {
+            whole = match body.iter().all(u8::is_ascii_whitespace) {
                 true => None,
                 false => Some(serde_json::from_slice(body).map_err(json_error)?),
             };
-            parsed.as_ref()
+            whole.as_ref()
         }
         None => {
             let seen = field_checks::probe(body, &policy.fields).map_err(json_error)?;
@@ -501,7 +660,7 @@ pub fn is_uuid(s: &str) -> bool {
 mod tests {
     #[test]
     fn odd_shapes_are_read_leniently_without_failing() {
-        let (f, _) = super::parse(
+        let (f, _) = super::parse_llm(
             br#"{"model": 5, "stream": "true", "max_tokens": -1, "user": ["x"],
                 "messages": [
                   "not an object",
@@ -511,7 +670,6 @@ mod tests {
                   {"content": null}
                 ],
                 "prompt": "xy"}"#,
-            false,
         )
         .unwrap()
         .unwrap();
@@ -522,18 +680,15 @@ mod tests {
         assert_eq!(f.message_count, 5);
         // "héllo" (5) + "abc" (3) + "xy" (2)
         assert_eq!(f.prompt_chars, 10);
-        let (f, _) = super::parse(
-            br#"{"messages": {"a": 1}, "max_completion_tokens": 9}"#,
-            false,
-        )
-        .unwrap()
-        .unwrap();
+        let (f, _) = super::parse_llm(br#"{"messages": {"a": 1}, "max_completion_tokens": 9}"#)
+            .unwrap()
+            .unwrap();
         assert_eq!((f.message_count, f.max_tokens), (0, Some(9)));
-        assert!(super::parse(br#"{"messages": [{"content": "x"}"#, false).is_err());
+        assert!(super::parse_llm(br#"{"messages": [{"content": "x"}"#).is_err());
     }
 
     use super::*;
-    use crate::config::{FieldCheck, FieldFormat, JsonMode};
+    use crate::config::{FieldFormat, JsonMode};
 
     fn policy() -> RequestPolicy {
         RequestPolicy {
@@ -605,33 +760,46 @@ mod tests {
     fn message_and_prompt_limits_name_limit_and_size() {
         let mut p = policy();
         p.max_messages = Some(1);
-        let f = LlmFields {
+        let with = |llm: LlmFields| Parsed {
+            llm,
+            doc: None,
+            seen: None,
+        };
+        let f = with(LlmFields {
             message_count: 3,
             ..Default::default()
-        };
-        let e = check(&p, &f, None, b"").unwrap_err().to_string();
+        });
+        let e = check(&p, Some(&f), b"").unwrap_err().to_string();
         assert!(e.contains("3 messages") && e.contains("limit is 1"), "{e}");
         p.max_messages = None;
         p.max_prompt_chars = Some(10);
-        let f = LlmFields {
+        let f = with(LlmFields {
             prompt_chars: 11,
             ..Default::default()
-        };
-        let e = check(&p, &f, None, b"").unwrap_err().to_string();
+        });
+        let e = check(&p, Some(&f), b"").unwrap_err().to_string();
         assert!(
             e.contains("11 characters") && e.contains("limit is 10"),
             "{e}"
         );
     }
 
-    /// `check` on `body`, read in one pass and from the parsed tree: the
-    /// two must agree.
+    /// `check` on `body`, its fields read in the parse's own pass, from
+    /// the parsed tree, and in a pass of their own: the three must agree.
     fn check_body(p: &RequestPolicy, body: &str) -> Result<(), BodyError> {
-        let doc: Value = serde_json::from_str(body).unwrap();
-        let probed = check(p, &LlmFields::default(), None, body.as_bytes());
-        let parsed = check(p, &LlmFields::default(), Some(&doc), body.as_bytes());
-        assert_eq!(probed, parsed, "{body}");
-        probed
+        let b = body.as_bytes();
+        let one_pass = parse(b, false, &p.fields).unwrap().unwrap();
+        let tree = parse(b, true, &p.fields).unwrap().unwrap();
+        assert!(tree.doc.is_some());
+        let own_pass = Parsed {
+            seen: None,
+            doc: None,
+            llm: one_pass.llm.clone(),
+        };
+        let got = check(p, Some(&one_pass), b);
+        assert_eq!(got, check(p, Some(&tree), b), "{body}");
+        assert_eq!(got, check(p, Some(&own_pass), b), "{body}");
+        got
     }
 
     #[test]
@@ -647,6 +815,9 @@ mod tests {
             e.contains("`query` is 11 characters; the limit is 5"),
             "{e}"
         );
+        // The usual case: the paths are read in the parse's own pass.
+        let parsed = parse(doc.as_bytes(), false, &p.fields).unwrap().unwrap();
+        assert!(parsed.seen.is_some() && parsed.doc.is_none());
 
         let mut s = field("metadata.sessionId");
         s.format = Some(FieldFormat::Uuid);
@@ -674,7 +845,7 @@ mod tests {
         let e = check_body(&p, doc).unwrap_err().to_string();
         assert!(e.contains("`prompt` is required"), "{e}");
         // A blank body has no fields.
-        let e = check(&p, &LlmFields::default(), None, b" ").unwrap_err();
+        let e = check(&p, None, b" ").unwrap_err();
         assert!(e.to_string().contains("`prompt` is required"), "{e}");
 
         // The first failing check, in the policy's order, is the one reported.
@@ -689,8 +860,29 @@ mod tests {
         // More paths than one pass follows: the document is parsed instead.
         p.fields = (0..=64).map(|i| field(&format!("f{i}"))).collect();
         p.fields.push(prompt);
-        let e = check(&p, &LlmFields::default(), None, doc.as_bytes()).unwrap_err();
+        let e = check_body(&p, doc).unwrap_err();
         assert!(e.to_string().contains("`prompt` is required"), "{e}");
+
+        // A check on an LLM field itself: both readers get the value.
+        let mut model = field("model");
+        model.max_chars = Some(3);
+        p.fields = vec![model];
+        let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+        let e = check_body(&p, body).unwrap_err();
+        assert!(e.to_string().contains("`model` is 6 characters"), "{e}");
+        let parsed = parse(body.as_bytes(), false, &p.fields).unwrap().unwrap();
+        assert_eq!(parsed.llm.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(parsed.llm.message_count, 1);
+
+        // A key twice: no LLM fields are read, and the checks see the later value.
+        let mut q = field("query");
+        q.max_chars = Some(3);
+        p.fields = vec![q];
+        let body = r#"{"model":"a","query":"long enough","model":"b","query":"ok"}"#;
+        assert!(check_body(&p, body).is_ok());
+        let parsed = parse(body.as_bytes(), false, &p.fields).unwrap().unwrap();
+        assert_eq!(parsed.llm, LlmFields::default());
+        assert!(parsed.seen.is_none());
     }
 
     #[test]
