@@ -264,7 +264,7 @@ impl FloodwallProxy {
     /// parts: see [`Self::upstream_request`] for why).
     fn prepare_response(&self, session: &Session, ctx: &Ctx, resp: &mut RespParts) -> Result<()> {
         let h = &mut resp.headers;
-        h.reserve(4);
+        h.reserve(4 + ctx.rate_headers.len());
         headers::strip_hop_by_hop(h);
         if session.as_http1().is_some() || session.req_header().version < http::Version::HTTP_2 {
             resp.version = http::Version::HTTP_11;

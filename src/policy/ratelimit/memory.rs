@@ -29,23 +29,32 @@ pub const SWEEP_EVERY_MS: u64 = 5_000;
 
 #[derive(Default)]
 struct Shard {
-    /// Rule name -> key -> state.
-    rules: HashMap<String, HashMap<String, Entry>>,
+    /// Rule name -> key -> state. The rules are a short list (a policy
+    /// has a few): found by comparing names, without hashing them.
+    rules: Vec<(String, HashMap<String, Entry>)>,
     next_sweep_ms: u64,
 }
 
 impl Shard {
+    fn keys(&self, rule: &str) -> Option<&HashMap<String, Entry>> {
+        self.rules.iter().find(|(r, _)| r == rule).map(|(_, k)| k)
+    }
+
     fn get(&self, rule: &str, key: &str) -> Option<&Entry> {
-        self.rules.get(rule)?.get(key)
+        self.keys(rule)?.get(key)
     }
 
     /// The entry of (rule, key), created if needed. Looked up by `&str` so
     /// that an existing entry costs no allocation. (Always `Some`.)
     fn entry(&mut self, rule: &str, key: &str) -> Option<&mut Entry> {
-        if !self.rules.contains_key(rule) {
-            self.rules.insert(rule.to_string(), HashMap::new());
-        }
-        let keys = self.rules.get_mut(rule)?;
+        let i = match self.rules.iter().position(|(r, _)| r == rule) {
+            Some(i) => i,
+            None => {
+                self.rules.push((rule.to_string(), HashMap::new()));
+                self.rules.len() - 1
+            }
+        };
+        let keys = &mut self.rules[i].1;
         if !keys.contains_key(key) {
             let entry = Entry {
                 windows: Vec::with_capacity(2),
@@ -117,7 +126,7 @@ impl MemoryStore {
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| lock(s).rules.values().map(HashMap::len).sum::<usize>())
+            .map(|s| lock(s).rules.iter().map(|(_, k)| k.len()).sum::<usize>())
             .sum()
     }
 
@@ -249,7 +258,7 @@ impl MemoryStore {
         let mut all: Vec<(String, u64)> = Vec::new();
         for shard in self.shards.iter() {
             let shard = lock(shard);
-            let Some(keys) = shard.rules.get(rule) else {
+            let Some(keys) = shard.keys(rule) else {
                 continue;
             };
             for (key, entry) in keys {
@@ -283,9 +292,9 @@ fn sweep(shard: &mut Shard, now_ms: u64) {
     if now_ms < shard.next_sweep_ms {
         return;
     }
-    for keys in shard.rules.values_mut() {
+    for (_, keys) in shard.rules.iter_mut() {
         keys.retain(|_, e| e.expires_ms > now_ms);
     }
-    shard.rules.retain(|_, keys| !keys.is_empty());
+    shard.rules.retain(|(_, keys)| !keys.is_empty());
     shard.next_sweep_ms = now_ms + SWEEP_EVERY_MS;
 }
