@@ -36,7 +36,20 @@ pub fn push_u64(out: &mut String, mut n: u64) {
 mod tests {
     #[test]
     fn writes_decimals_like_display() {
-        for n in [0, 7, 9, 10, 11, 99, 100, 101, 999, 1000, 1234567890, u64::MAX] {
+        for n in [
+            0,
+            7,
+            9,
+            10,
+            11,
+            99,
+            100,
+            101,
+            999,
+            1000,
+            1234567890,
+            u64::MAX,
+        ] {
             let mut s = String::from("x");
             super::push_u64(&mut s, n);
             assert_eq!(s, format!("x{n}"));

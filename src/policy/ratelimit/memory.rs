@@ -13,9 +13,7 @@
 //! touches it, and in turn (one shard per decision) so that idle shards are
 //! swept too.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -101,11 +99,25 @@ impl Default for MemoryStore {
     }
 }
 
+/// The shard of (rule, key): FNV-1a over both, mixed. It only spreads the keys
+/// over the shards; each shard's map hashes its keys with SipHash.
 fn shard_of(rule: &str, key: &str) -> usize {
-    let mut h = DefaultHasher::new();
-    rule.hash(&mut h);
-    key.hash(&mut h);
-    (h.finish() as usize) % SHARDS
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(rule.as_bytes());
+    eat(&[0xff]); // not UTF-8: ("ab", "c") and ("a", "bc") differ
+    eat(key.as_bytes());
+    // A final mix (MurmurHash3's), so that the low bits used here depend
+    // on every byte.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    (h % SHARDS as u64) as usize
 }
 
 fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
@@ -297,4 +309,33 @@ fn sweep(shard: &mut Shard, now_ms: u64) {
     }
     shard.rules.retain(|(_, keys)| !keys.is_empty());
     shard.next_sweep_ms = now_ms + SWEEP_EVERY_MS;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys that differ only a little (user ids, addresses) still spread
+    /// over every shard, and the rule name takes part.
+    #[test]
+    fn keys_spread_over_the_shards() {
+        for keys in [
+            (0..6400).map(|i| format!("user-{i}")).collect::<Vec<_>>(),
+            (0..6400)
+                .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
+                .collect(),
+        ] {
+            let mut count = [0usize; SHARDS];
+            for k in &keys {
+                count[shard_of("per-user", k)] += 1;
+            }
+            let (min, max) = (count.iter().min().unwrap(), count.iter().max().unwrap());
+            assert!(*min > 50 && *max < 200, "{min}..{max} of 100 a shard");
+        }
+        let moved = (0..640)
+            .filter(|i| shard_of("a", &i.to_string()) != shard_of("b", &i.to_string()))
+            .count();
+        assert!(moved > 600, "{moved}");
+        assert_ne!(shard_of("ab", "c"), shard_of("a", "bc"));
+    }
 }

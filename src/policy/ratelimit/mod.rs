@@ -1004,7 +1004,8 @@ fn headers(plans: &[Plan], slots: &[Slot], refused_by: Option<usize>) -> Option<
             }
             Window::Cost { .. } => return,
         };
-        let ms = per.as_millis();
+        // In u64: a u128 remainder is a library call.
+        let ms = u64::try_from(per.as_millis()).unwrap_or(u64::MAX);
         let unit = [
             (86_400_000, "d"),
             (3_600_000, "h"),
@@ -1015,16 +1016,16 @@ fn headers(plans: &[Plan], slots: &[Slot], refused_by: Option<usize>) -> Option<
         .find(|(scale, _)| ms % scale == 0);
         match unit {
             Some((scale, unit)) => {
-                push_u64(out, (ms / scale) as u64);
+                push_u64(out, ms / scale);
                 out.push_str(unit);
             }
             None => {
-                push_u64(out, ms as u64);
+                push_u64(out, ms);
                 out.push_str("ms");
             }
         }
     }
-    let mut items: Vec<Item<'_>> = Vec::new();
+    let mut items: Vec<Item<'_>> = Vec::with_capacity(plans.len());
     for (i, (plan, slot)) in plans.iter().zip(slots).enumerate() {
         let Slot::Evaluated(place, eval) = slot else {
             continue;
