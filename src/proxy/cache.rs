@@ -263,13 +263,13 @@ impl FloodwallProxy {
         age: u64,
     ) -> Result<ResponseHeader> {
         // Plain `http` parts, as for a proxied answer (`prepare_response`).
-        let bad = |_| Error::explain(ErrorType::InvalidHTTPHeader, "stored header is invalid");
+        let bad = || Error::explain(ErrorType::InvalidHTTPHeader, "stored header is invalid");
         let mut h = http::Response::new(()).into_parts().0;
-        h.status = http::StatusCode::from_u16(status).map_err(|_| bad(()))?;
+        h.status = http::StatusCode::from_u16(status).map_err(|_| bad())?;
         h.headers.reserve(headers.len() + 8);
         for (k, v) in headers {
-            let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad(()))?;
-            let value = http::HeaderValue::from_bytes(v).map_err(|_| bad(()))?;
+            let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad())?;
+            let value = http::HeaderValue::from_bytes(v).map_err(|_| bad())?;
             h.headers.append(name, value);
         }
         if let Some(n) = body_len {

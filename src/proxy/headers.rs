@@ -101,37 +101,8 @@ pub fn forwarded_for(
         out.push_str(chain);
         out.push_str(", ");
     }
-    push_ip(&mut out, peer);
+    crate::text::push_ip(&mut out, peer);
     Some(out)
-}
-
-/// Append `ip` as `Display` writes it; IPv4, the common case, without the
-/// formatting machinery (which cost more than the rest of the header).
-fn push_ip(out: &mut String, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                push_u8(out, octet);
-            }
-        }
-        IpAddr::V6(v6) => {
-            use std::fmt::Write as _;
-            let _ = write!(out, "{v6}");
-        }
-    }
-}
-
-fn push_u8(out: &mut String, n: u8) {
-    if n >= 100 {
-        out.push(char::from(b'0' + n / 100));
-    }
-    if n >= 10 {
-        out.push(char::from(b'0' + n / 10 % 10));
-    }
-    out.push(char::from(b'0' + n % 10));
 }
 
 /// A request's id: 1..=128 visible ASCII characters, so it is a header

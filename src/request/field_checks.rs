@@ -78,28 +78,17 @@ pub fn seen_in(f: &FieldCheck, doc: Option<&Value>) -> Seen {
 /// building the document. `body` must be valid JSON (the caller has
 /// validated it) or blank; at most [`MAX_PROBED`] checks.
 pub fn probe(body: &[u8], checks: &[FieldCheck]) -> Result<Vec<Seen>, serde_json::Error> {
-    debug_assert!(checks.len() <= MAX_PROBED);
-    let mut out = vec![Seen::Absent; checks.len()];
-    if checks.is_empty() || body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(out);
+    let mut probe = Probe::new(checks);
+    if !checks.is_empty() && !body.iter().all(u8::is_ascii_whitespace) {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        probe.at(probe.all(), 0).deserialize(&mut de)?;
     }
-    let mask = match checks.len() {
-        MAX_PROBED => u64::MAX,
-        n => (1u64 << n) - 1,
-    };
-    let mut de = serde_json::Deserializer::from_slice(body);
-    At {
-        checks,
-        mask,
-        depth: 0,
-        out: &mut out,
-    }
-    .deserialize(&mut de)?;
-    Ok(out)
+    Ok(probe.finish())
 }
 
-/// The checks' paths at the root object of a pass that also reads other
-/// keys of it (`request::parse` reads the LLM fields in the same pass).
+/// The checks' paths, followed through one pass: [`probe`]'s own, or one
+/// that also reads other keys of the root object (`request::parse` reads
+/// the LLM fields in the same pass, with [`RootKey`] and [`Probe::value`]).
 pub struct Probe<'a> {
     checks: &'a [FieldCheck],
     out: Vec<Seen>,
@@ -115,23 +104,26 @@ impl<'a> Probe<'a> {
         }
     }
 
-    /// The checks whose path starts with `key`.
-    fn key_mask(&self, key: &str) -> u64 {
-        self.checks
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| f.segments[0] == key)
-            .fold(0, |m, (i, _)| m | 1 << i)
+    /// Every check, as a mask.
+    fn all(&self) -> u64 {
+        match self.checks.len() {
+            MAX_PROBED => u64::MAX,
+            n => (1u64 << n) - 1,
+        }
+    }
+
+    fn at(&mut self, mask: u64, depth: usize) -> At<'_> {
+        At {
+            checks: self.checks,
+            mask,
+            depth,
+            out: &mut self.out,
+        }
     }
 
     /// The seed for the value of a root key whose mask is `mask`.
     pub fn value(&mut self, mask: u64) -> impl for<'de> DeserializeSeed<'de, Value = ()> + '_ {
-        At {
-            checks: self.checks,
-            mask,
-            depth: 1,
-            out: &mut self.out,
-        }
+        self.at(mask, 1)
     }
 
     /// What each check's path holds.
@@ -142,31 +134,36 @@ impl<'a> Probe<'a> {
 
 /// A root key: what the caller makes of it (`classify`), and the mask of
 /// the checks whose path starts with it.
-pub struct RootKey<'p, 'a, K> {
-    probe: &'p Probe<'a>,
+pub struct RootKey<'a, K> {
+    key: Key<'a>,
     classify: fn(&str) -> Option<K>,
 }
 
-impl<'p, 'a, K> RootKey<'p, 'a, K> {
-    pub fn new(probe: &'p Probe<'a>, classify: fn(&str) -> Option<K>) -> Self {
-        RootKey { probe, classify }
+impl<'a, K> RootKey<'a, K> {
+    pub fn new(probe: &Probe<'a>, classify: fn(&str) -> Option<K>) -> Self {
+        let key = Key {
+            checks: probe.checks,
+            mask: probe.all(),
+            depth: 0,
+        };
+        RootKey { key, classify }
     }
 }
 
-impl<'de, K> DeserializeSeed<'de> for RootKey<'_, '_, K> {
+impl<'de, K> DeserializeSeed<'de> for RootKey<'_, K> {
     type Value = (Option<K>, u64);
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_str(self)
     }
 }
 
-impl<'de, K> Visitor<'de> for RootKey<'_, '_, K> {
+impl<'de, K> Visitor<'de> for RootKey<'_, K> {
     type Value = (Option<K>, u64);
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a key")
     }
     fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
-        Ok(((self.classify)(s), self.probe.key_mask(s)))
+        Ok(((self.classify)(s), self.key.matching(s)))
     }
 }
 
@@ -179,6 +176,11 @@ fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
             i
         })
     })
+}
+
+/// The checks of `mask` for which `keep` holds, as a mask.
+fn select(mask: u64, keep: impl Fn(usize) -> bool) -> u64 {
+    bits(mask).filter(|&i| keep(i)).fold(0, |m, i| m | 1 << i)
 }
 
 /// A value at `depth` segments into the document, on the path of the
@@ -203,9 +205,7 @@ impl At<'_> {
 
     /// The checks whose path goes on below this value.
     fn deeper(&self) -> u64 {
-        bits(self.mask)
-            .filter(|&i| self.checks[i].segments.len() > self.depth)
-            .fold(0, |m, i| m | 1 << i)
+        select(self.mask, |i| self.checks[i].segments.len() > self.depth)
     }
 }
 
@@ -221,6 +221,16 @@ impl<'de> DeserializeSeed<'de> for At<'_> {
     }
 }
 
+/// Visitor methods for the scalars that are not strings.
+macro_rules! not_a_string {
+    ($($name:ident: $t:ty),*) => {$(
+        fn $name<E>(mut self, _: $t) -> Result<(), E> {
+            self.set(|_| Seen::NotString);
+            Ok(())
+        }
+    )*};
+}
+
 impl<'de> Visitor<'de> for At<'_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -230,22 +240,7 @@ impl<'de> Visitor<'de> for At<'_> {
         self.set(|f| Seen::of_str(f, s));
         Ok(())
     }
-    fn visit_bool<E>(mut self, _: bool) -> Result<(), E> {
-        self.set(|_| Seen::NotString);
-        Ok(())
-    }
-    fn visit_i64<E>(mut self, _: i64) -> Result<(), E> {
-        self.set(|_| Seen::NotString);
-        Ok(())
-    }
-    fn visit_u64<E>(mut self, _: u64) -> Result<(), E> {
-        self.set(|_| Seen::NotString);
-        Ok(())
-    }
-    fn visit_f64<E>(mut self, _: f64) -> Result<(), E> {
-        self.set(|_| Seen::NotString);
-        Ok(())
-    }
+    not_a_string!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64);
     fn visit_unit<E>(self) -> Result<(), E> {
         Ok(()) // `null`: absent, as reset in `deserialize`
     }
@@ -254,9 +249,9 @@ impl<'de> Visitor<'de> for At<'_> {
         let deeper = self.deeper();
         let mut index = 0usize;
         loop {
-            let here = bits(deeper)
-                .filter(|&i| self.checks[i].segments[self.depth].parse::<usize>() == Ok(index))
-                .fold(0, |m, i| m | 1 << i);
+            let here = select(deeper, |i| {
+                self.checks[i].segments[self.depth].parse::<usize>() == Ok(index)
+            });
             let more = match here {
                 0 => a.next_element::<IgnoredAny>()?.is_some(),
                 _ => a
@@ -307,6 +302,12 @@ struct Key<'a> {
     depth: usize,
 }
 
+impl Key<'_> {
+    fn matching(&self, key: &str) -> u64 {
+        select(self.mask, |i| self.checks[i].segments[self.depth] == key)
+    }
+}
+
 impl<'de> DeserializeSeed<'de> for Key<'_> {
     type Value = u64;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
@@ -320,9 +321,7 @@ impl<'de> Visitor<'de> for Key<'_> {
         f.write_str("a key")
     }
     fn visit_str<E>(self, s: &str) -> Result<u64, E> {
-        Ok(bits(self.mask)
-            .filter(|&i| self.checks[i].segments[self.depth] == s)
-            .fold(0, |m, i| m | 1 << i))
+        Ok(self.matching(s))
     }
 }
 

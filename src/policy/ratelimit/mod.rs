@@ -1114,7 +1114,7 @@ pub fn rule_key(rule: &RateLimitRule, req: &LimitRequest<'_>) -> String {
             KeyPart::Global => Some("global"),
             KeyPart::Ip => {
                 match req.identity.ip {
-                    Some(ip) => push_ip(&mut out, ip),
+                    Some(ip) => crate::text::push_ip(&mut out, ip),
                     None => out.push('-'),
                 }
                 continue;
@@ -1136,24 +1136,6 @@ pub fn rule_key(rule: &RateLimitRule, req: &LimitRequest<'_>) -> String {
         }
     }
     out
-}
-
-/// An address as `Display` writes it (IPv4 without the `fmt` machinery).
-fn push_ip(out: &mut String, ip: std::net::IpAddr) {
-    match ip {
-        std::net::IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                push_u64(out, u64::from(octet));
-            }
-        }
-        std::net::IpAddr::V6(v6) => {
-            use std::fmt::Write;
-            let _ = write!(out, "{v6}");
-        }
-    }
 }
 
 fn push_escaped(out: &mut String, value: &str) {
