@@ -12,6 +12,11 @@
 //!     [--threads 2] [--ready-file PATH]
 //! ```
 //!
+//! It uses the same global allocator as the `floodwall` binary (jemalloc,
+//! unless built with `--no-default-features`), so that the comparison
+//! measures Pingora plus floodwall's code against Pingora, not one allocator
+//! against another.
+//!
 //! `--upstream` falls back to `$BARE_PROXY_UPSTREAM`. A listen port of 0 is
 //! replaced by a free port picked at start-up. Once the listener accepts
 //! connections, `--ready-file` gets `{"listen":["ADDR"],"pid":N}` (written to
@@ -146,6 +151,11 @@ impl BackgroundService for Ready {
         }
     }
 }
+
+/// The same allocator as `src/main.rs` (see the module comment).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let args = match parse_args() {

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
-floodwall_need cmake:cmake
+floodwall_need cmake:cmake make:make
 cargo run --locked --release --bin floodwall -- demo "$@"

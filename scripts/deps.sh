@@ -3,6 +3,7 @@
 # `apt-get update`); otherwise the script stops with one line saying what to
 # install.
 #   cmake        - Pingora's zlib-ng build
+#   make         - the jemalloc allocator's build (tikv-jemalloc-sys)
 #   redis-server - the tests start private Redis servers
 floodwall_need() {
   local missing=() cmd pkg

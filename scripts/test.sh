@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
-need=(cmake:cmake redis-server:redis-server)
+need=(cmake:cmake make:make redis-server:redis-server)
 bench=0
 if [ $# -eq 0 ] && [ "${FLOODWALL_SKIP_BENCH:-0}" != 1 ]; then
   bench=1

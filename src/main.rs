@@ -68,6 +68,13 @@ enum Command {
     },
 }
 
+/// jemalloc, not glibc's malloc: under load glibc cost floodwall 20-25% more
+/// CPU per request (BENCHMARKS.md, "Allocator"). The `jemalloc` feature is on
+/// by default; `--no-default-features` keeps the system allocator.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
