@@ -89,6 +89,9 @@ pub struct Active {
     pub budgets: Vec<Option<Arc<RetryBudget>>>,
     /// Concurrency limiters, queues, stream limits and backend pacers.
     pub admission: crate::policy::concurrency::Admission,
+    /// Parallel to `snapshot.routes`: the metric children each route's
+    /// requests update, resolved on the route's first request.
+    pub route_metrics: Vec<crate::telemetry::metrics::RouteMetrics>,
 }
 
 impl Active {
@@ -156,11 +159,13 @@ impl Active {
             .flat_map(|b| b.breaker_keys().map(str::to_string))
             .collect();
         resilience.breakers.retain(|k| keys.contains(k));
+        let route_metrics = snapshot.routes.iter().map(|_| Default::default()).collect();
         Active {
             snapshot: Arc::new(snapshot),
             backends,
             budgets,
             admission,
+            route_metrics,
         }
     }
 }

@@ -35,6 +35,7 @@ use crate::config::{FallbackTarget, Route};
 use crate::policy::breaker::{Breaker, CallOutcome, Permit};
 use crate::policy::retry::{self, Delay, Failure, GiveUp, RetryBudget, RetryPolicy};
 use crate::state::Active;
+use crate::telemetry::metrics::UpstreamOutcome;
 use crate::telemetry::resilience::ResilienceMetrics;
 
 /// Bytes of an error response read to classify it (and replayed if it is
@@ -449,9 +450,10 @@ impl FloodwallProxy {
         } else {
             report.outcome
         };
-        self.shared.metrics.observe_upstream(
+        self.shared.metrics.observe_upstream_on(
+            &backend.metrics,
             &backend_cfg.name,
-            outcome,
+            UpstreamOutcome::from_label(outcome),
             report.header_latency.map(|d| d.as_secs_f64()),
         );
         // The adaptive in-flight limit (`limits.adaptive`) learns from the

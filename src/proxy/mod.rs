@@ -430,7 +430,10 @@ impl ProxyHttp for FloodwallProxy {
         let route = snap.routes[idx].clone();
         ctx.route = Some(route.clone());
         ctx.route_index = idx;
-        ctx.active_guard = Some(self.shared.metrics.active_request(&route.name));
+        ctx.active_guard = Some(match active.route_metrics.get(idx) {
+            Some(slot) => self.shared.metrics.active_request_on(slot, &route.name),
+            None => self.shared.metrics.active_request(&route.name),
+        });
         ctx.active = Some(active.clone());
 
         if route.websocket && session.is_upgrade_req() {
@@ -647,8 +650,22 @@ impl ProxyHttp for FloodwallProxy {
             ctx.status
         };
         let m = &self.shared.metrics;
-        m.observe_request(route, ctx.method, status, elapsed.as_secs_f64());
-        m.add_bytes(route, ctx.bytes_in, ctx.bytes_out);
+        let secs = elapsed.as_secs_f64();
+        let slot = ctx.route.as_ref().and(ctx.active.as_ref());
+        match slot.and_then(|a| a.route_metrics.get(ctx.route_index)) {
+            Some(slot) => m.finish_request_on(
+                slot,
+                route,
+                ctx.method,
+                status,
+                secs,
+                (ctx.bytes_in, ctx.bytes_out),
+            ),
+            _ => {
+                m.observe_request(route, ctx.method, status, secs);
+                m.add_bytes(route, ctx.bytes_in, ctx.bytes_out);
+            }
+        }
         ctx.active_guard.take();
         ctx.in_flight.take();
         let error = ctx.error.as_deref().or(e.map(|_| "proxy error"));

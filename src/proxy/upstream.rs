@@ -45,6 +45,8 @@ pub struct BackendRuntime {
     endpoints: Vec<EndpointRuntime>,
     /// The backend-wide breaker (`circuit_breaker`), if configured.
     pub breaker: Option<Arc<Breaker>>,
+    /// Its attempt and latency metric children, resolved on first use.
+    pub metrics: crate::telemetry::metrics::BackendMetrics,
 }
 
 struct EndpointRuntime {
@@ -104,6 +106,7 @@ impl BackendRuntime {
             cursor: AtomicUsize::new(0),
             endpoints,
             breaker: None,
+            metrics: Default::default(),
         })
     }
 
@@ -197,6 +200,7 @@ impl BackendRuntime {
                 })
                 .collect(),
             breaker: None,
+            metrics: Default::default(),
         }
     }
 

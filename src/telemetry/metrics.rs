@@ -44,11 +44,16 @@
 //!
 //! # Cost on the hot path
 //!
-//! Each helper resolves its labelled child with one hash of the label values
-//! and a read lock on the family's map, then updates an atomic. Nothing
-//! allocates once a label combination has been seen. `active_request` returns
-//! a guard holding the resolved gauge, so its `Drop` is a single atomic
-//! decrement.
+//! Resolving a labelled child by its label values hashes them, takes the
+//! family's read lock and clones the child: four atomic operations on memory
+//! that every worker thread writes. The request path does it once per route
+//! and per backend instead: [`RouteMetrics`] and [`BackendMetrics`] keep the
+//! children a route's (a backend's) requests update, resolved on first use,
+//! in the runtime built for each loaded configuration. The helpers that take
+//! a route or backend name (the unmatched route, local responses, tests)
+//! still resolve each time. Nothing allocates once a label combination has
+//! been seen. `active_request` returns a guard holding the resolved gauge,
+//! so its `Drop` is a single atomic decrement.
 //!
 //! # Approximations
 //!
@@ -56,13 +61,13 @@
 //! stream for minutes); quantiles computed from them are only as precise as
 //! the bucket edges.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::core::Collector;
 use prometheus::{
-    Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The `route` label when no configured route matched the request.
@@ -143,17 +148,21 @@ pub fn method_label(method: &http::Method) -> &'static str {
     method_label_str(method.as_str())
 }
 
+/// Every value of the `method` label; `OTHER` last.
+const METHOD_LABELS: [&str; 8] = [
+    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "OTHER",
+];
+
+/// The index of `method`'s label in [`METHOD_LABELS`].
+fn method_index(method: &str) -> usize {
+    METHOD_LABELS
+        .iter()
+        .position(|m| *m == method)
+        .unwrap_or(METHOD_LABELS.len() - 1)
+}
+
 fn method_label_str(method: &str) -> &'static str {
-    match method {
-        "GET" => "GET",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "DELETE" => "DELETE",
-        "PATCH" => "PATCH",
-        "HEAD" => "HEAD",
-        "OPTIONS" => "OPTIONS",
-        _ => "OTHER",
-    }
+    METHOD_LABELS[method_index(method)]
 }
 
 const fn status_table() -> [[u8; 3]; 1000] {
@@ -331,6 +340,65 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// The labelled children that every request on one route updates, resolved
+/// on the route's first request (see the module's "Cost on the hot path").
+/// One per route in each loaded configuration's runtime
+/// ([`crate::state::Active`]); pass it with the route's name to
+/// [`Metrics::active_request_on`] and [`Metrics::finish_request_on`].
+#[derive(Default)]
+pub struct RouteMetrics(OnceLock<Option<RouteChildren>>);
+
+struct RouteChildren {
+    route: Box<str>,
+    requests_active: IntGauge,
+    request_bytes: IntCounter,
+    response_bytes: IntCounter,
+    request_duration: HistogramVec,
+    /// `request_duration_seconds{route, method, status="200"}` by
+    /// [`method_index`], resolved when first observed (so that the series
+    /// appear as they did before); other statuses are looked up.
+    duration_200: [OnceLock<Histogram>; METHOD_LABELS.len()],
+}
+
+/// [`RouteMetrics`] for a backend: its attempts by outcome and its time to
+/// response headers, each resolved when first used. One per backend in each
+/// configuration's runtime; see [`Metrics::observe_upstream_on`].
+#[derive(Default)]
+pub struct BackendMetrics(OnceLock<Option<BackendChildren>>);
+
+struct BackendChildren {
+    backend: Box<str>,
+    upstream_attempts: IntCounterVec,
+    upstream_duration: HistogramVec,
+    /// By position in [`UpstreamOutcome::ALL`].
+    attempts: [OnceLock<IntCounter>; UpstreamOutcome::ALL.len()],
+    duration: OnceLock<Histogram>,
+}
+
+/// `cell`'s value, resolved by `resolve` on first use; `None` (and another
+/// try next time) when it fails.
+fn cached<T>(cell: &OnceLock<T>, resolve: impl FnOnce() -> Option<T>) -> Option<&T> {
+    match cell.get() {
+        Some(v) => Some(v),
+        None => {
+            let v = resolve()?;
+            Some(cell.get_or_init(|| v))
+        }
+    }
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteMetrics")
+    }
+}
+
+impl std::fmt::Debug for BackendMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackendMetrics")
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -449,6 +517,120 @@ impl Metrics {
             if let Ok(h) = f.upstream_duration.get_metric_with_label_values(&[backend]) {
                 h.observe(secs);
             }
+        }
+    }
+
+    fn route_children<'a>(&self, slot: &'a RouteMetrics, route: &str) -> Option<&'a RouteChildren> {
+        slot.0
+            .get_or_init(|| {
+                let f = self.families.as_ref()?;
+                Some(RouteChildren {
+                    route: route.into(),
+                    requests_active: f
+                        .requests_active
+                        .get_metric_with_label_values(&[route])
+                        .ok()?,
+                    request_bytes: f
+                        .request_bytes
+                        .get_metric_with_label_values(&[route])
+                        .ok()?,
+                    response_bytes: f
+                        .response_bytes
+                        .get_metric_with_label_values(&[route])
+                        .ok()?,
+                    request_duration: f.request_duration.clone(),
+                    duration_200: Default::default(),
+                })
+            })
+            .as_ref()
+    }
+
+    /// [`Metrics::active_request`] for the route `slot` belongs to (`route`
+    /// is its name, used on the first call only).
+    pub fn active_request_on(&self, slot: &RouteMetrics, route: &str) -> ActiveGuard {
+        let gauge = self
+            .route_children(slot, route)
+            .map(|c| c.requests_active.clone());
+        if let Some(g) = &gauge {
+            g.inc();
+        }
+        ActiveGuard { gauge }
+    }
+
+    /// [`Metrics::observe_request`] and [`Metrics::add_bytes`] for the route
+    /// `slot` belongs to.
+    pub fn finish_request_on(
+        &self,
+        slot: &RouteMetrics,
+        route: &str,
+        method: &str,
+        status: u16,
+        secs: f64,
+        bytes: (u64, u64),
+    ) {
+        let Some(c) = self.route_children(slot, route) else {
+            return;
+        };
+        let m = method_index(method);
+        let labels = [&*c.route, METHOD_LABELS[m], status_label(status)];
+        if status == 200 {
+            if let Some(h) = cached(&c.duration_200[m], || {
+                c.request_duration
+                    .get_metric_with_label_values(&labels)
+                    .ok()
+            }) {
+                h.observe(secs);
+            }
+        } else if let Ok(h) = c.request_duration.get_metric_with_label_values(&labels) {
+            h.observe(secs);
+        }
+        c.request_bytes.inc_by(bytes.0);
+        c.response_bytes.inc_by(bytes.1);
+    }
+
+    /// [`Metrics::observe_upstream_outcome`] for the backend `slot` belongs
+    /// to (`backend` is its name, used on first use only).
+    pub fn observe_upstream_on(
+        &self,
+        slot: &BackendMetrics,
+        backend: &str,
+        outcome: UpstreamOutcome,
+        secs: Option<f64>,
+    ) {
+        let Some(c) = slot
+            .0
+            .get_or_init(|| {
+                let f = self.families.as_ref()?;
+                Some(BackendChildren {
+                    backend: backend.into(),
+                    upstream_attempts: f.upstream_attempts.clone(),
+                    upstream_duration: f.upstream_duration.clone(),
+                    attempts: Default::default(),
+                    duration: OnceLock::new(),
+                })
+            })
+            .as_ref()
+        else {
+            return;
+        };
+        let i = UpstreamOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(UpstreamOutcome::ALL.len() - 1);
+        if let Some(counter) = cached(&c.attempts[i], || {
+            c.upstream_attempts
+                .get_metric_with_label_values(&[&c.backend, outcome.as_str()])
+                .ok()
+        }) {
+            counter.inc();
+        }
+        let Some(secs) = secs else { return };
+        if let Some(h) = cached(&c.duration, || {
+            c.upstream_duration
+                .get_metric_with_label_values(&[&c.backend])
+                .ok()
+        }) {
+            h.observe(secs);
         }
     }
 
@@ -963,6 +1145,91 @@ mod tests {
         assert_eq!(gauge(&m), Some(1.0));
         drop(b);
         assert_eq!(gauge(&m), Some(0.0));
+    }
+
+    /// The floodwall families of a render, without the process ones (whose
+    /// values move by themselves).
+    fn floodwall_text(m: &Metrics) -> String {
+        let text = m.render();
+        parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        text.lines()
+            .filter(|l| l.contains("floodwall_") && !l.contains("floodwall_build_info"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn route_and_backend_handles_export_what_the_named_helpers_do() {
+        // The same requests, once through the helpers that look the labels up
+        // and once through the per-route and per-backend handles; a second
+        // handle (a reloaded configuration) continues the same series.
+        let named = Metrics::new();
+        let handled = Metrics::new();
+        let requests: [(&str, u16, f64, u64, u64); 4] = [
+            ("POST", 200, 0.3, 120, 4096),
+            ("POST", 200, 45.0, 10, 20),
+            ("GET", 429, 0.001, 0, 90),
+            ("BREW", 200, 0.02, 1, 2),
+        ];
+        let attempts = [
+            (UpstreamOutcome::Ok, Some(0.2)),
+            (UpstreamOutcome::Timeout, None),
+            (UpstreamOutcome::Ok, Some(3.0)),
+            (UpstreamOutcome::ConnectError, None),
+        ];
+        let (route1, route2) = (RouteMetrics::default(), RouteMetrics::default());
+        let (backend1, backend2) = (BackendMetrics::default(), BackendMetrics::default());
+        for (i, &(method, status, secs, bytes_in, bytes_out)) in requests.iter().enumerate() {
+            let _a = named.active_request("chat");
+            named.observe_request("chat", method, status, secs);
+            named.add_bytes("chat", bytes_in, bytes_out);
+            let slot = if i < 2 { &route1 } else { &route2 };
+            let _b = handled.active_request_on(slot, "chat");
+            handled.finish_request_on(slot, "chat", method, status, secs, (bytes_in, bytes_out));
+        }
+        let _held = (
+            named.active_request("chat"),
+            handled.active_request_on(&route2, "chat"),
+        );
+        for (i, &(outcome, secs)) in attempts.iter().enumerate() {
+            named.observe_upstream_outcome("openai", outcome, secs);
+            let slot = if i < 2 { &backend1 } else { &backend2 };
+            handled.observe_upstream_on(slot, "openai", outcome, secs);
+        }
+        let text = floodwall_text(&handled);
+        assert_eq!(text, floodwall_text(&named));
+        // And the comparison is not vacuous.
+        let fams = parse(&handled.render()).unwrap_or_else(|e| panic!("{e}"));
+        let v = |name: &str, labels: &[(&str, &str)]| value(&fams, name, labels);
+        assert_eq!(
+            v("floodwall_requests_active", &[("route", "chat")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            v("floodwall_request_bytes_total", &[("route", "chat")]),
+            Some(131.0)
+        );
+        let post_ok = [("route", "chat"), ("method", "POST"), ("status", "200")];
+        assert_eq!(
+            v("floodwall_request_duration_seconds_count", &post_ok),
+            Some(2.0)
+        );
+        let other_ok = [("route", "chat"), ("method", "OTHER"), ("status", "200")];
+        assert_eq!(
+            v("floodwall_request_duration_seconds_count", &other_ok),
+            Some(1.0)
+        );
+        let ok = [("backend", "openai"), ("outcome", "ok")];
+        assert_eq!(v("floodwall_upstream_attempts_total", &ok), Some(2.0));
+        let reset = [("backend", "openai"), ("outcome", "reset")];
+        assert_eq!(v("floodwall_upstream_attempts_total", &reset), None);
+        assert_eq!(
+            v(
+                "floodwall_upstream_duration_seconds_count",
+                &[("backend", "openai")]
+            ),
+            Some(2.0)
+        );
     }
 
     #[test]
