@@ -28,9 +28,12 @@ pub fn push_u64(out: &mut String, mut n: u64) {
         i -= 1;
         digits[i] = b'0' + n as u8;
     }
-    // Copied as one `str`: pushing the digits as `char`s one by one costs
-    // more than the division.
-    out.push_str(std::str::from_utf8(&digits[i..]).expect("ASCII digits"));
+    // One `push` per ASCII digit, after one `reserve`: `extend` over the
+    // chars, or `from_utf8` + `push_str`, each cost more than the division.
+    out.reserve(digits.len() - i);
+    for &d in &digits[i..] {
+        out.push(char::from(d));
+    }
 }
 
 /// Append `ip` as `Display` writes it; IPv4, the common case, without the
