@@ -1,7 +1,7 @@
 //! Assembling and running the Pingora server: the proxy service on the
 //! policy's listeners, the admin service, live reload and start-up checks.
 
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -45,6 +45,14 @@ pub struct RunOptions {
 
 /// Replace a port of 0 with a free port picked now, so that the real address
 /// can be reported. (Pingora binds by address string.)
+///
+/// The port stays reserved until the listeners are up (see [`RESERVED`]):
+/// a socket bound to it with `SO_REUSEADDR` but not listening, which lets
+/// Pingora's own listener (also `SO_REUSEADDR`) bind and listen there, while
+/// no other socket's port-0 bind can be handed the port. Without it, another
+/// process starting at the same moment (parallel tests) could be given the
+/// same port between our pick and Pingora's bind; the start-up check then
+/// found *its* listener accepting on our address.
 fn concrete_addr(addr: &str) -> Result<String, String> {
     let sa: SocketAddr = addr
         .to_socket_addrs()
@@ -54,10 +62,26 @@ fn concrete_addr(addr: &str) -> Result<String, String> {
     if sa.port() != 0 {
         return Ok(addr.to_string());
     }
-    let l = TcpListener::bind(sa).map_err(|e| format!("cannot bind {addr}: {e}"))?;
-    let local = l.local_addr().map_err(|e| e.to_string())?;
+    let bind = || -> std::io::Result<(tokio::net::TcpSocket, SocketAddr)> {
+        let sock = match sa {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(sa)?;
+        let local = sock.local_addr()?;
+        Ok((sock, local))
+    };
+    let (sock, local) = bind().map_err(|e| format!("cannot bind {addr}: {e}"))?;
+    if let Ok(mut held) = RESERVED.lock() {
+        held.push(sock);
+    }
     Ok(local.to_string())
 }
+
+/// The ports [`concrete_addr`] picked, held until the start-up check has
+/// seen every listener accept (then released: Pingora's listeners hold them).
+static RESERVED: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
 
 /// Load, resolve ports, build and run. Returns only on start-up failure
 /// (`run_forever` exits the process when the server stops).
@@ -206,6 +230,9 @@ impl BackgroundService for Startup {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        if let Ok(mut held) = RESERVED.lock() {
+            held.clear();
+        }
         self.shared
             .health
             .listeners_bound
@@ -221,5 +248,32 @@ impl BackgroundService for Startup {
                 error!(file = %path.display(), "cannot write the ready file: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_picked_port_stays_reserved_yet_a_reuseaddr_listener_can_take_it() {
+        let picked: SocketAddr = concrete_addr("127.0.0.1:0").unwrap().parse().unwrap();
+        assert_ne!(picked.port(), 0);
+        // Held: a socket without SO_REUSEADDR (what another program's
+        // explicit or port-0 bind is) cannot bind it...
+        let plain = tokio::net::TcpSocket::new_v4().unwrap();
+        let err = plain.bind(picked).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        // ...while Pingora's listener (SO_REUSEADDR, then listen) can.
+        let pingora_like = tokio::net::TcpSocket::new_v4().unwrap();
+        pingora_like.set_reuseaddr(true).unwrap();
+        pingora_like.bind(picked).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _listener = rt.block_on(async { pingora_like.listen(16) }).unwrap();
+        // A fixed port is left alone.
+        assert_eq!(concrete_addr("127.0.0.1:8080").unwrap(), "127.0.0.1:8080");
     }
 }
