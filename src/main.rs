@@ -69,8 +69,9 @@ enum Command {
 }
 
 /// jemalloc, not glibc's malloc: under load glibc cost floodwall 20-25% more
-/// CPU per request (BENCHMARKS.md, "Allocator"). The `jemalloc` feature is on
-/// by default; `--no-default-features` keeps the system allocator.
+/// CPU per request (BENCHMARKS.md, "Fourth session of 2026-11-24"). The
+/// `jemalloc` feature is on by default; `--no-default-features` keeps the
+/// system allocator.
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
