@@ -446,22 +446,22 @@ impl FloodwallProxy {
             }
         };
         let outcome = if attempt.is_ok() {
-            "ok"
+            UpstreamOutcome::Ok
         } else {
             report.outcome
         };
         self.shared.metrics.observe_upstream_on(
             &backend.metrics,
             &backend_cfg.name,
-            UpstreamOutcome::from_label(outcome),
+            outcome,
             report.header_latency.map(|d| d.as_secs_f64()),
         );
         // The adaptive in-flight limit (`limits.adaptive`) learns from the
         // time to the response header, or to the timeout.
         if let Some(call) = &call {
             let latency = match outcome {
-                "ok" => report.header_latency,
-                "timeout" => Some(started.elapsed()),
+                UpstreamOutcome::Ok => report.header_latency,
+                UpstreamOutcome::Timeout => Some(started.elapsed()),
                 _ => None,
             };
             if let Some((limit, changed)) = latency.and_then(|l| call.record_latency(l)) {

@@ -30,6 +30,7 @@ use crate::config::{Backend, Scheme};
 use crate::policy::breaker::{
     backend_key, endpoint_key, Admission, Breaker, BreakerRegistry, Permit,
 };
+use crate::telemetry::metrics::UpstreamOutcome;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
@@ -293,7 +294,7 @@ pub struct AttemptReport {
     pub upstream_status: Option<u16>,
     /// Time until the response header arrived.
     pub header_latency: Option<Duration>,
-    pub outcome: &'static str,
+    pub outcome: crate::telemetry::metrics::UpstreamOutcome,
 }
 
 /// The upstream answered with a header; the body is still to be streamed.
@@ -360,7 +361,7 @@ pub async fn start_attempt(
         .get(endpoint)
         .ok_or_else(|| Reject::new(Reason::Internal, "backend has no endpoints"))?;
     let base_peer = ep.peer.as_ref().map_err(|why| {
-        report.outcome = "connect_error";
+        report.outcome = UpstreamOutcome::ConnectError;
         Reject::new(
             Reason::UpstreamConnectError,
             format!("upstream {} unavailable: {why}", ep.url),
@@ -381,9 +382,9 @@ pub async fn start_attempt(
     let (mut up, reused) = connector.get(peer).await.map_err(|e| {
         let timed_out = matches!(e.etype(), ErrorType::ConnectTimedout);
         report.outcome = if timed_out {
-            "timeout"
+            UpstreamOutcome::Timeout
         } else {
-            "connect_error"
+            UpstreamOutcome::ConnectError
         };
         let reason = if timed_out {
             Reason::UpstreamTimeout
@@ -426,7 +427,7 @@ pub async fn start_attempt(
     };
     match tokio::time::timeout_at(deadline.into(), sent).await {
         Err(_) => {
-            report.outcome = "timeout";
+            report.outcome = UpstreamOutcome::Timeout;
             return Err(Reject::new(
                 Reason::UpstreamTimeout,
                 format!(
@@ -436,7 +437,7 @@ pub async fn start_attempt(
             ));
         }
         Ok(Err(e)) => {
-            report.outcome = "reset";
+            report.outcome = UpstreamOutcome::Reset;
             return Err(Reject::new(
                 Reason::UpstreamError,
                 format!(

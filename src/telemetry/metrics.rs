@@ -97,8 +97,9 @@ pub mod names {
 }
 
 /// How one attempt to reach a backend ended; the `outcome` label of
-/// `floodwall_upstream_attempts_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// `floodwall_upstream_attempts_total`. Declared in [`UpstreamOutcome::ALL`]'s
+/// order, so that `outcome as usize` indexes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum UpstreamOutcome {
     /// Response headers arrived (whatever their status).
     Ok,
@@ -109,8 +110,18 @@ pub enum UpstreamOutcome {
     /// The connection was reset or closed before response headers.
     Reset,
     /// Anything else.
+    #[default]
     Error,
 }
+
+// `outcome as usize` indexes `UpstreamOutcome::ALL` (checked when compiling).
+const _: () = {
+    let mut i = 0;
+    while i < UpstreamOutcome::ALL.len() {
+        assert!(UpstreamOutcome::ALL[i] as usize == i);
+        i += 1;
+    }
+};
 
 impl UpstreamOutcome {
     pub const ALL: [UpstreamOutcome; 5] = [
@@ -332,6 +343,16 @@ pub struct ActiveGuard {
     gauge: Option<IntGauge>,
 }
 
+impl ActiveGuard {
+    /// Increments `gauge` now; the guard decrements it when dropped.
+    fn hold(gauge: Option<IntGauge>) -> ActiveGuard {
+        if let Some(g) = &gauge {
+            g.inc();
+        }
+        ActiveGuard { gauge }
+    }
+}
+
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         if let Some(gauge) = &self.gauge {
@@ -353,7 +374,6 @@ struct RouteChildren {
     requests_active: IntGauge,
     request_bytes: IntCounter,
     response_bytes: IntCounter,
-    request_duration: HistogramVec,
     /// `request_duration_seconds{route, method, status="200"}` by
     /// [`method_index`], resolved when first observed (so that the series
     /// appear as they did before); other statuses are looked up.
@@ -364,13 +384,11 @@ struct RouteChildren {
 /// response headers, each resolved when first used. One per backend in each
 /// configuration's runtime; see [`Metrics::observe_upstream_on`].
 #[derive(Default)]
-pub struct BackendMetrics(OnceLock<Option<BackendChildren>>);
+pub struct BackendMetrics(OnceLock<BackendChildren>);
 
 struct BackendChildren {
     backend: Box<str>,
-    upstream_attempts: IntCounterVec,
-    upstream_duration: HistogramVec,
-    /// By position in [`UpstreamOutcome::ALL`].
+    /// By `UpstreamOutcome as usize`.
     attempts: [OnceLock<IntCounter>; UpstreamOutcome::ALL.len()],
     duration: OnceLock<Histogram>,
 }
@@ -481,15 +499,11 @@ impl Metrics {
 
     /// Counts a request as in flight on `route` until the guard is dropped.
     pub fn active_request(&self, route: &str) -> ActiveGuard {
-        let gauge = self.families.as_ref().and_then(|f| {
+        ActiveGuard::hold(self.families.as_ref().and_then(|f| {
             f.requests_active
                 .get_metric_with_label_values(&[route])
                 .ok()
-        });
-        if let Some(g) = &gauge {
-            g.inc();
-        }
-        ActiveGuard { gauge }
+        }))
     }
 
     /// One attempt to reach `backend`. `outcome` is one of
@@ -538,7 +552,6 @@ impl Metrics {
                         .response_bytes
                         .get_metric_with_label_values(&[route])
                         .ok()?,
-                    request_duration: f.request_duration.clone(),
                     duration_200: Default::default(),
                 })
             })
@@ -548,13 +561,10 @@ impl Metrics {
     /// [`Metrics::active_request`] for the route `slot` belongs to (`route`
     /// is its name, used on the first call only).
     pub fn active_request_on(&self, slot: &RouteMetrics, route: &str) -> ActiveGuard {
-        let gauge = self
-            .route_children(slot, route)
-            .map(|c| c.requests_active.clone());
-        if let Some(g) = &gauge {
-            g.inc();
-        }
-        ActiveGuard { gauge }
+        ActiveGuard::hold(
+            self.route_children(slot, route)
+                .map(|c| c.requests_active.clone()),
+        )
     }
 
     /// [`Metrics::observe_request`] and [`Metrics::add_bytes`] for the route
@@ -568,20 +578,25 @@ impl Metrics {
         secs: f64,
         bytes: (u64, u64),
     ) {
-        let Some(c) = self.route_children(slot, route) else {
+        let (Some(f), Some(c)) = (&self.families, self.route_children(slot, route)) else {
             return;
         };
         let m = method_index(method);
         let labels = [&*c.route, METHOD_LABELS[m], status_label(status)];
-        if status == 200 {
-            if let Some(h) = cached(&c.duration_200[m], || {
-                c.request_duration
-                    .get_metric_with_label_values(&labels)
-                    .ok()
-            }) {
-                h.observe(secs);
+        let lookup = || {
+            f.request_duration
+                .get_metric_with_label_values(&labels)
+                .ok()
+        };
+        let looked_up;
+        let h = match status {
+            200 => cached(&c.duration_200[m], lookup),
+            _ => {
+                looked_up = lookup();
+                looked_up.as_ref()
             }
-        } else if let Ok(h) = c.request_duration.get_metric_with_label_values(&labels) {
+        };
+        if let Some(h) = h {
             h.observe(secs);
         }
         c.request_bytes.inc_by(bytes.0);
@@ -597,28 +612,14 @@ impl Metrics {
         outcome: UpstreamOutcome,
         secs: Option<f64>,
     ) {
-        let Some(c) = slot
-            .0
-            .get_or_init(|| {
-                let f = self.families.as_ref()?;
-                Some(BackendChildren {
-                    backend: backend.into(),
-                    upstream_attempts: f.upstream_attempts.clone(),
-                    upstream_duration: f.upstream_duration.clone(),
-                    attempts: Default::default(),
-                    duration: OnceLock::new(),
-                })
-            })
-            .as_ref()
-        else {
-            return;
-        };
-        let i = UpstreamOutcome::ALL
-            .iter()
-            .position(|o| *o == outcome)
-            .unwrap_or(UpstreamOutcome::ALL.len() - 1);
-        if let Some(counter) = cached(&c.attempts[i], || {
-            c.upstream_attempts
+        let Some(f) = &self.families else { return };
+        let c = slot.0.get_or_init(|| BackendChildren {
+            backend: backend.into(),
+            attempts: Default::default(),
+            duration: OnceLock::new(),
+        });
+        if let Some(counter) = cached(&c.attempts[outcome as usize], || {
+            f.upstream_attempts
                 .get_metric_with_label_values(&[&c.backend, outcome.as_str()])
                 .ok()
         }) {
@@ -626,7 +627,7 @@ impl Metrics {
         }
         let Some(secs) = secs else { return };
         if let Some(h) = cached(&c.duration, || {
-            c.upstream_duration
+            f.upstream_duration
                 .get_metric_with_label_values(&[&c.backend])
                 .ok()
         }) {
