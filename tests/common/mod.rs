@@ -194,6 +194,16 @@ impl Drop for Floodwall {
         // through Pingora's graceful period.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test: show what floodwall logged (its directory is
+        // deleted with this value), so that a rare failure can be read.
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- floodwall's log, last {} lines ---", tail.len());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
