@@ -10,8 +10,10 @@
 # "direct bare nginx floodwall ..." (a subset of the targets below, in table
 # order; direct is always measured), --profile release|debug (which cargo
 # build to measure; debug only for smoke tests), --summary FILE (append the
-# headline rows, tab-separated, for benches/suite.sh), --no-build, --keep
-# (keep the scratch directory with every log and raw wrk output), -h/--help.
+# headline rows, tab-separated, for benches/suite.sh), --pin (the proxies
+# on CPU 1, wrk, the mock and Redis on CPU 0; see the end of this header),
+# --no-build, --keep (keep the scratch directory with every log and raw wrk
+# output), -h/--help.
 #
 # What it does, for each mock latency (0 ms, then 20 ms):
 #   1. starts `floodwall mock` (the bundled mock LLM backend), the bare Pingora
@@ -64,9 +66,14 @@
 # script (a refused request would make a figure the cost of a 429).
 # Every process started here is
 # stopped by PID at the end, also on error or ctrl-c (SIGTERM, then SIGKILL
-# after 3 s). Nothing is pinned: wrk, the proxy and the mock share the
-# machine's cores, so on a small machine the absolute figures include that
-# contention; compare the targets with each other, not with other machines.
+# after 3 s). By default nothing is pinned: wrk, the proxy and the mock
+# share the machine's cores, so on a small machine the absolute figures
+# include that contention; compare the targets with each other, not with
+# other machines. With --pin (taskset) every proxy under test (bare Pingora,
+# nginx, each floodwall; 2 worker threads, nginx 1 process) runs on CPU 1 and
+# the load side (wrk, the mock, redis-server) on CPU 0: the proxy's CPU time
+# is then not interleaved with the load generator's on the same core, and a
+# proxy's throughput is at most one core's.
 
 set -Eeuo pipefail
 
@@ -84,10 +91,11 @@ PROFILE=release
 SUMMARY=""
 BUILD=1
 KEEP=0
+PIN=0
 MODE=full
 ARGS_GIVEN="$*"
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -101,6 +109,7 @@ while [ $# -gt 0 ]; do
     --summary) SUMMARY=${2:?--summary needs a file}; shift ;;
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
+    --pin) PIN=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "load.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -127,6 +136,14 @@ case "$PROFILE" in release|debug) ;; *) echo "load.sh: --profile takes release o
 BENCH=load
 # shellcheck source=benches/lib.sh
 . "$ROOT/benches/lib.sh"
+
+# --pin: command prefixes for the load side and the proxies under test.
+ON_LOAD=(); ON_PROXY=()
+if [ "$PIN" = 1 ]; then
+  command -v taskset >/dev/null 2>&1 || die "--pin needs taskset (util-linux)"
+  [ "$(nproc)" -ge 2 ] || die "--pin needs 2 CPUs"
+  ON_LOAD=(taskset -c 0); ON_PROXY=(taskset -c 1)
+fi
 
 # --- prerequisites ----------------------------------------------------------
 
@@ -214,7 +231,7 @@ WRK_PID=""
 run_wrk() {
   local rc=0
   BENCH_PATH=${T_PATH[$1]} BENCH_AUTHORIZATION=${T_AUTH[$1]:-} \
-    timeout -k 2 $(($5 + 30)) wrk -t"$3" -c"$4" -d"$5s" --timeout 5s --latency -s "$LUA" \
+    timeout -k 2 $(($5 + 30)) "${ON_LOAD[@]+"${ON_LOAD[@]}"}" wrk -t"$3" -c"$4" -d"$5s" --timeout 5s --latency -s "$LUA" \
     "http://$2${T_PATH[$1]}" >"$6" 2>&1 &
   WRK_PID=$!
   PIDS+=("$WRK_PID")
@@ -401,7 +418,7 @@ start_floodwall() {
   esac
   env "$@" "$FLOODWALL" check "$dir/$name-policy/floodwall.yaml" >"$dir/$name.check" 2>&1 \
     || die "policy $kind does not validate: $(cat "$dir/$name.check")"
-  env "$@" "$FLOODWALL" run --config "$dir/$name-policy/floodwall.yaml" --ready-file "$dir/$name.ready" \
+  "${ON_PROXY[@]+"${ON_PROXY[@]}"}" env "$@" "$FLOODWALL" run --config "$dir/$name-policy/floodwall.yaml" --ready-file "$dir/$name.ready" \
     >"$dir/$name.out" 2>"$dir/$name.log" &
   echo $!
 }
@@ -465,7 +482,7 @@ http {
   }
 }
 EOF
-  "$NGINX" -p "$dir/nginx" -c "$dir/nginx/nginx.conf" -e "$dir/nginx/error.log" >"$dir/nginx.out" 2>&1 &
+  "${ON_PROXY[@]+"${ON_PROXY[@]}"}" "$NGINX" -p "$dir/nginx" -c "$dir/nginx/nginx.conf" -e "$dir/nginx/error.log" >"$dir/nginx.out" 2>&1 &
   pid=$!
   for _ in $(seq 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -485,7 +502,7 @@ bench_latency() {
   mkdir -p "$dir"
   [ "$lat" != 0 ] && fault=(--fault "latency=${lat}ms")
 
-  "$FLOODWALL" mock --listen 127.0.0.1:0 "${fault[@]+"${fault[@]}"}" >"$dir/mock.out" 2>"$dir/mock.err" &
+  "${ON_LOAD[@]+"${ON_LOAD[@]}"}" "$FLOODWALL" mock --listen 127.0.0.1:0 "${fault[@]+"${fault[@]}"}" >"$dir/mock.out" 2>"$dir/mock.err" &
   mock_pid=$!; PIDS+=("$mock_pid")
   wait_file "$dir/mock.out" "$mock_pid" "the mock"
   mock_addr=$(sed -n 's|.*listening on http://\([0-9.]*:[0-9]*\).*|\1|p' "$dir/mock.out")
@@ -497,7 +514,7 @@ bench_latency() {
     case "$t" in
       direct) pids[$i]=$mock_pid ;;
       bare)
-        "$BARE" --listen 127.0.0.1:0 --upstream "$mock_addr" --threads 2 --ready-file "$dir/bare.ready" \
+        "${ON_PROXY[@]+"${ON_PROXY[@]}"}" "$BARE" --listen 127.0.0.1:0 --upstream "$mock_addr" --threads 2 --ready-file "$dir/bare.ready" \
           >"$dir/bare.out" 2>"$dir/bare.log" &
         pids[$i]=$! ;;
       nginx) pids[$i]=$(start_nginx "$dir" "$mock_addr") ;;
@@ -551,6 +568,7 @@ log "mode $MODE ($PROFILE build): $RUNS run(s) x ${DURATION}s per figure, mock l
 log "targets: ${TARGETS[*]}"
 if [ "$WITH_REDIS" = 1 ]; then
   start_redis
+  [ "$PIN" = 1 ] && taskset -a -p -c 0 "$REDIS_PID" >/dev/null
   log "private redis-server on 127.0.0.1:$REDIS_PORT (PID $REDIS_PID)"
 fi
 
@@ -574,7 +592,11 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
   echo "- machine: $MACHINE${CPU_MODEL:+, $CPU_MODEL}; load average before: $LOAD_BEFORE, after: $LOAD_AFTER"
   echo "- load: wrk, POST /v1/chat/completions (small JSON chat body, non-streaming), 127.0.0.1 only;"
   echo "  c=1: \`wrk -t1 -c1\`, c=N > 1: \`wrk -t2 -cN\` (connections: $CONNS); proxies run 2 worker threads;"
-  echo "  nothing pinned (wrk, proxy and mock share the cores)."
+  if [ "$PIN" = 1 ]; then
+    echo "  pinned (--pin): every proxy on CPU 1, wrk, the mock and redis-server on CPU 0 (taskset)."
+  else
+    echo "  nothing pinned (wrk, proxy and mock share the cores)."
+  fi
   echo "- each cell: median [min-max] over the runs; \"added\" = target minus direct, paired run by run;"
   echo "  CPU = CPU time of the target's process (all threads) per completed request (direct: the mock's),"
   echo "  from /proc/PID/task/*/schedstat (utime+stime from /proc/PID/stat is in the .tsv as a cross-check);"

@@ -12,9 +12,10 @@
 # it under --hold), --duration SECONDS, --warmup SECONDS, --only idle|active,
 # --floodwall-bin PATH (measure another floodwall build, e.g. an older
 # commit's), --profile release|debug (which cargo build; debug only for
-# smoke tests), --summary FILE (append the headline rows, tab-separated, for
-# benches/suite.sh), --no-build, --keep (keep the scratch directory with
-# every log and raw output), -h/--help.
+# smoke tests), --pin (the proxy under test on CPU 1, the mock and the load
+# client on CPU 0, with taskset; see below), --summary FILE (append the
+# headline rows, tab-separated, for benches/suite.sh), --no-build, --keep
+# (keep the scratch directory with every log and raw output), -h/--help.
 #
 # Processes: the mock (`floodwall mock`), the proxy under test (floodwall, or
 # the bare Pingora proxy of benches/bare_proxy.rs) and the load client
@@ -23,7 +24,14 @@
 # 20000, the hard limit here). A proxy holds two sockets per stream over
 # HTTP/1.1 (client side and upstream), so 9,000 streams is about the most a
 # 20,000-file process can hold. All on 127.0.0.1, ephemeral ports, 2 worker
-# threads per proxy; nothing pinned (client, proxy and mock share the cores).
+# threads per proxy. By default nothing is pinned: client, proxy and mock
+# share both cores, so at 1,000 active streams the latency figures are
+# mostly the three processes queueing for CPU behind each other. With
+# --pin the proxy under test (bare Pingora and floodwall alike, each with
+# its 2 worker threads) runs on CPU 1 and the mock and the client on CPU 0,
+# as a sidecar with its own CPU would: "added" is then what the proxy adds,
+# not the load generator's contention. The direct baseline is the mock and
+# the client on CPU 0 in both placements.
 #
 # Idle (per run, per proxy, both in fresh processes, in an order rotated from
 # run to run): the client opens N streams whose script is `heartbeat=15s`
@@ -79,10 +87,13 @@ PROFILE=release
 SUMMARY=""
 BUILD=1
 KEEP=0
+PIN=0
+PIN_LOAD=0     # --pin: the mock and the load client on CPU 0
+PIN_PROXY=1    # --pin: the proxy under test on CPU 1
 MODE=full
 ARGS_GIVEN="$*"
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -101,6 +112,7 @@ while [ $# -gt 0 ]; do
     --floodwall-bin) FLOODWALL_BIN=${2:?--floodwall-bin needs a path}; shift ;;
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
+    --pin) PIN=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "streams.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -124,6 +136,10 @@ BENCH=streams
 for tool in awk curl timeout; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is missing"
 done
+if [ "$PIN" = 1 ]; then
+  command -v taskset >/dev/null 2>&1 || die "--pin needs taskset (util-linux)"
+  [ "$(nproc)" -ge 2 ] || die "--pin needs 2 CPUs (the proxy on one, the mock and the client on the other)"
+fi
 [ -r /proc/self/status ] || die "/proc is needed (Linux only)"
 HARD=$(ulimit -Hn)
 if [ "$HARD" != unlimited ] && [ "$HARD" -lt "$NOFILE" ]; then NOFILE=$HARD; fi
@@ -165,8 +181,11 @@ ready_admin() { sed -n 's/.*"admin":"\([^"]*\)".*/\1/p' "$1"; }
 # Run a command in the background with the raised open-files limit; sets
 # BG_PID (the command itself: the subshell execs it).
 BG_PID=""
+# With --pin, BG_CPU (a CPU list) pins the command with taskset.
+BG_CPU=""
 start_bg() {
   local out=$1 err=$2; shift 2
+  if [ "$PIN" = 1 ] && [ -n "$BG_CPU" ]; then set -- taskset -c "$BG_CPU" "$@"; fi
   ( ulimit -n "$NOFILE" || exit 111; exec "$@" ) >"$out" 2>"$err" &
   BG_PID=$!
   PIDS+=("$BG_PID")
@@ -175,7 +194,7 @@ start_bg() {
 # start_mock DIR: sets MOCK_PID and MOCK_ADDR.
 start_mock() {
   local dir=$1
-  start_bg "$dir/mock.out" "$dir/mock.err" "$MOCK" mock --listen 127.0.0.1:0
+  BG_CPU=$PIN_LOAD start_bg "$dir/mock.out" "$dir/mock.err" "$MOCK" mock --listen 127.0.0.1:0
   MOCK_PID=$BG_PID
   wait_file "$dir/mock.out" "$MOCK_PID" "the mock"
   MOCK_ADDR=$(sed -n 's|.*listening on http://\([0-9.]*:[0-9]*\).*|\1|p' "$dir/mock.out")
@@ -213,14 +232,14 @@ start_target() {
   TARGET_ADMIN=""
   case "$name" in
     bare)
-      start_bg "$dir/bare.out" "$dir/bare.log" "$BARE" --listen 127.0.0.1:0 --upstream "$MOCK_ADDR" \
+      BG_CPU=$PIN_PROXY start_bg "$dir/bare.out" "$dir/bare.log" "$BARE" --listen 127.0.0.1:0 --upstream "$MOCK_ADDR" \
         --threads 2 --ready-file "$dir/bare.ready" ;;
     floodwall)
       mkdir -p "$dir/policy"
       policy "$MOCK_ADDR" >"$dir/policy/floodwall.yaml"
       "$FLOODWALL" check "$dir/policy/floodwall.yaml" >"$dir/floodwall.check" 2>&1 \
         || die "the policy does not validate: $(cat "$dir/floodwall.check")"
-      start_bg "$dir/floodwall.out" "$dir/floodwall.log" "$FLOODWALL" run \
+      BG_CPU=$PIN_PROXY start_bg "$dir/floodwall.out" "$dir/floodwall.log" "$FLOODWALL" run \
         --config "$dir/policy/floodwall.yaml" --ready-file "$dir/floodwall.ready" ;;
     *) die "unknown target $name" ;;
   esac
@@ -255,7 +274,7 @@ field() {
 # script can look at the proxy meanwhile); sets CLIENT_PID.
 run_client() {
   local out=$1 err=$2; shift 2
-  start_bg "$out" "$err" "$CLIENT" "$@"
+  BG_CPU=$PIN_LOAD start_bg "$out" "$err" "$CLIENT" "$@"
   CLIENT_PID=$BG_PID
 }
 
@@ -392,7 +411,12 @@ MD=$RESULTS_DIR/streams-$STAMP.md
   echo "- commit: $rev${FLOODWALL_BIN:+ (floodwall: $FLOODWALL_BIN)}"
   echo "- machine: $MACHINE${CPU_MODEL:+, $CPU_MODEL}; load average before: $LOAD_BEFORE, after: $LOAD_AFTER"
   echo "- mock, proxy and load client: separate processes, open-files limit $NOFILE each; proxies run"
-  echo "  2 worker threads, the client 1; 127.0.0.1 only; nothing pinned (they share the cores)."
+  if [ "$PIN" = 1 ]; then
+    echo "  2 worker threads, the client 1; 127.0.0.1 only; pinned (--pin): the proxy on CPU $PIN_PROXY, the mock"
+    echo "  and the load client on CPU $PIN_LOAD (taskset)."
+  else
+    echo "  2 worker threads, the client 1; 127.0.0.1 only; nothing pinned (they share the cores)."
+  fi
   echo "- floodwall: one route for /v1/chat/completions, \`streams: { max_concurrent: 10000 }\` on the"
   echo "  route and in \`server\`, no other policy, default logging (access log to a file)."
   echo "- each cell: median [min-max] over the runs; ratios and \"added\" paired run by run."
@@ -407,7 +431,8 @@ MD=$RESULTS_DIR/streams-$STAMP.md
     echo
   fi
   awk -F'\t' -v only="$ONLY" -v chunks="$CHUNKS" -v delay="$CHUNK_DELAY_MS" -v summary="${SUMMARY:-/dev/null}" \
-    -v idle_what="$IDLE_STREAMS idle streams (heartbeat $HEARTBEAT, held ${HOLD} s)" '
+    -v idle_what="$IDLE_STREAMS idle streams (heartbeat $HEARTBEAT, held ${HOLD} s)" \
+    -v placement="$([ "$PIN" = 1 ] && echo ", proxy pinned to its own CPU" || echo ", shared cores")" '
     # A row of the suite summary: area, what, figure, target, verdict.
     function srow(what, fig, target, verd) { printf "streams\t%s\t%s\t%s\t%s\n", what, fig, target, verd >> summary }
     function sort(a, n,   i, j, t) { for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t } }
@@ -468,7 +493,7 @@ MD=$RESULTS_DIR/streams-$STAMP.md
         print ""
       }
       if (only != "idle") {
-        printf "## Active streams: %d streams x %d chunks/s (%d chunks %d ms apart, back to back)\n\n", astreams, 1000 / delay, chunks, delay
+        printf "## Active streams%s: %d streams x %d chunks/s (%d chunks %d ms apart, back to back)\n\n", placement, astreams, 1000 / delay, chunks, delay
         print "TTFT: request written to first content chunk received. Chunk delay: received minus the mock'"'"'s"
         print "send time stamped in the chunk. Added = target minus direct in the same run (a difference of"
         print "percentiles). CPU = CPU time of the target process (direct: the mock) per chunk delivered, from"
@@ -510,7 +535,7 @@ MD=$RESULTS_DIR/streams-$STAMP.md
           printf "- target: floodwall added TTFT, p99 < 500 µs: %s µs, %s\n",
             stat("floodwall" SUBSEP "at99", "%+d"), (med("floodwall" SUBSEP "at99") < 500) ? "**met**" : "**missed**"
           printf "- CPU per chunk, floodwall ÷ bare Pingora: %s\n", stat("cpuratio", "%.2f×")
-          what = astreams " active streams"
+          what = astreams " active streams" placement
           srow(what ": floodwall added TTFT, p50 / p99 (µs)", stat("floodwall" SUBSEP "at50", "%+d") " / " stat("floodwall" SUBSEP "at99", "%+d"),
             "p99 < 500 µs (issue #6)", (med("floodwall" SUBSEP "at99") < 500) ? "met" : "**missed**")
           srow(what ": floodwall added delay per chunk, p50 / p99 (µs)", stat("floodwall" SUBSEP "ac50", "%+d") " / " stat("floodwall" SUBSEP "ac99", "%+d"),

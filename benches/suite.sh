@@ -29,7 +29,12 @@
 #      mock at 0 ms);
 #   4. benches/streams.sh: 9,000 idle streams (memory per stream; heartbeat
 #      2 s, held 4 s) and 1,000 active streams (added TTFT, per-chunk delay,
-#      CPU per chunk), 5 runs (quick: 200 idle, 50 active, 1 run).
+#      CPU per chunk), 5 runs (quick: 200 idle, 50 active, 1 run), every
+#      process sharing both cores;
+#   5. benches/streams.sh --only active --pin: the 1,000 active streams again
+#      with the proxy under test on its own CPU (the mock and the client on
+#      the other), so that "added" is the proxy's own cost rather than three
+#      processes queueing for two cores (quick: 50 streams, 1 run).
 #
 # Every process is started by the parts on 127.0.0.1 with ephemeral ports
 # and stopped by PID (benches/lib.sh); the suite itself starts only the
@@ -180,6 +185,9 @@ if [ "$MODE" = quick ]; then
     --latencies 0 --conns "1 64 256" --targets "$LOAD_TARGETS" --summary "$SUMMARY"
   run_part streams 300 benches/streams.sh --quick --no-build --profile "$PROFILE" --runs 1 \
     --idle-streams 200 --active-streams 50 --hold 2 --heartbeat 1s --duration 2 --warmup 1 --summary "$SUMMARY"
+  [ "$(nproc)" -lt 2 ] && log "streams_pinned: skipped (--pin needs 2 CPUs)" ||
+    run_part streams_pinned 300 benches/streams.sh --quick --no-build --profile "$PROFILE" --runs 1 \
+      --only active --pin --active-streams 50 --duration 2 --warmup 1 --summary "$SUMMARY"
 else
   [ "$PROFILE" = release ] || log "warning: the full suite on a $PROFILE build: the figures say nothing about release code"
   if [ "$PROFILE" = debug ]; then
@@ -196,6 +204,9 @@ else
     --latencies "0 20" --conns "1 64 256" --targets "$LOAD_TARGETS" --summary "$SUMMARY"
   run_part streams 1200 benches/streams.sh --no-build --profile "$PROFILE" --runs 5 \
     --idle-streams 9000 --hold 4 --heartbeat 2s --active-streams 1000 --duration 4 --warmup 2 --summary "$SUMMARY"
+  [ "$(nproc)" -lt 2 ] && log "streams_pinned: skipped (--pin needs 2 CPUs)" ||
+    run_part streams_pinned 600 benches/streams.sh --no-build --profile "$PROFILE" --runs 5 \
+      --only active --pin --active-streams 1000 --duration 4 --warmup 2 --summary "$SUMMARY"
 fi
 ELAPSED=$(( $(date +%s) - START ))
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
