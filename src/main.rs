@@ -102,6 +102,8 @@ fn main() -> ExitCode {
             match floodwall::server::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
+                    // What was logged before the failure comes first.
+                    floodwall::telemetry::writer::flush();
                     eprintln!("floodwall: {e}");
                     ExitCode::from(1)
                 }
@@ -112,6 +114,7 @@ fn main() -> ExitCode {
             match floodwall::demo::run(port, admin_port) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
+                    floodwall::telemetry::writer::flush();
                     eprintln!("floodwall demo: {e}");
                     ExitCode::from(1)
                 }

@@ -84,7 +84,7 @@ fn concrete_addr(addr: &str) -> Result<String, String> {
 static RESERVED: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
 
 /// Load, resolve ports, build and run. Returns only on start-up failure
-/// (`run_forever` exits the process when the server stops).
+/// (the process exits when the server stops, its log flushed).
 pub fn run(opts: RunOptions) -> Result<(), String> {
     let mut snapshot = config::load_file(&opts.config).map_err(|e| e.to_string())?;
     resolve_ports(&mut snapshot)?;
@@ -179,7 +179,10 @@ pub fn run_snapshot(snapshot: Snapshot, opts: RunOptions) -> Result<(), String> 
         },
     ));
     info!(listen = ?listen, admin = %admin_listen, threads, "floodwall starting");
-    server.run_forever();
+    server.run(pingora::server::RunArgs::default());
+    // What `run_forever` does, with the log written out first.
+    crate::telemetry::writer::flush();
+    std::process::exit(0)
 }
 
 /// Marks the process ready once every proxy listener accepts connections.

@@ -123,8 +123,8 @@ impl BackgroundService for ShutdownService {
                 let since = *idle_since.get_or_insert(now);
                 if now.duration_since(since) >= QUIET {
                     info!("all requests finished; exiting");
-                    // Give the log writer a moment to drain.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Every line logged so far reaches stderr first.
+                    let _ = tokio::task::spawn_blocking(crate::telemetry::writer::flush).await;
                     std::process::exit(0);
                 }
             } else {

@@ -188,6 +188,24 @@ impl Floodwall {
     }
 }
 
+impl Floodwall {
+    /// The log once `f` holds for it. floodwall writes its log in batches,
+    /// up to 100 ms after a line was logged (`telemetry::writer`).
+    pub async fn wait_logs(&self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = self.logs();
+            if f(&logs) {
+                return logs;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what} in the log:\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 impl Drop for Floodwall {
     fn drop(&mut self) {
         // SIGKILL: the test owns this process and must not leave it lingering

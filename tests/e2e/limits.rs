@@ -473,12 +473,11 @@ async fn a_streamed_usage_chunk_debits_the_token_budget_and_the_next_request_ove
         w["used"].as_u64().unwrap() > 100,
         "the estimate is charged, not the 11 reserved: {w}"
     );
-    let logs = fw.logs();
-    assert!(
+    fw.wait_logs("carol's access line marked usage=estimated", |logs| {
         logs.lines()
-            .any(|l| l.contains("user=carol") && l.contains("usage=estimated")),
-        "the access log marks the usage as estimated:\n{logs}"
-    );
+            .any(|l| l.contains("user=carol") && l.contains("usage=estimated"))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -857,7 +856,13 @@ async fn jwt_keyed_limit_counts_users_apart_and_refuses_bad_tokens_and_missing_i
         2 + 2 + 1 + 1,
         "refused requests never reach the backend"
     );
-    let logs = fw.logs();
+    // Every request's lines are written once the last one's access line is.
+    let logs = fw
+        .wait_logs("the last request's access line", |l| {
+            l.lines()
+                .any(|l| l.contains("route=strict") && l.contains("status=200"))
+        })
+        .await;
     assert!(
         !logs.contains(&expired) && !logs.contains(&forged) && !logs.contains(&alice[7..]),
         "tokens are never logged"
@@ -976,7 +981,10 @@ async fn a_shadow_rule_never_refuses_but_counts_what_it_would_have_done() {
         3.0,
         "{m}"
     );
-    assert!(fw.logs().contains("shadow rule would have refused"));
+    fw.wait_logs("the shadow rule's audit line", |l| {
+        l.contains("shadow rule would have refused")
+    })
+    .await;
 }
 
 // ------------------------------------------------------------ the teams' examples
