@@ -7,6 +7,17 @@
 log() { printf '[%s %s] %s\n' "$BENCH" "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# --- --pin (load.sh, streams.sh) ----------------------------------------------
+
+# Command prefixes: the load side (client or wrk, the mock, Redis) on CPU 0,
+# the proxy under test on CPU 1. Empty unless pin_setup ran.
+ON_LOAD=(); ON_PROXY=()
+pin_setup() {
+  command -v taskset >/dev/null 2>&1 || die "--pin needs taskset (util-linux)"
+  [ "$(nproc)" -ge 2 ] || die "--pin needs 2 CPUs (the proxy on one, the load side on the other)"
+  ON_LOAD=(taskset -c 0); ON_PROXY=(taskset -c 1)
+}
+
 # --- processes: every PID started here, stopped on exit --------------------
 
 PIDS=()

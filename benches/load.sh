@@ -137,13 +137,7 @@ BENCH=load
 # shellcheck source=benches/lib.sh
 . "$ROOT/benches/lib.sh"
 
-# --pin: command prefixes for the load side and the proxies under test.
-ON_LOAD=(); ON_PROXY=()
-if [ "$PIN" = 1 ]; then
-  command -v taskset >/dev/null 2>&1 || die "--pin needs taskset (util-linux)"
-  [ "$(nproc)" -ge 2 ] || die "--pin needs 2 CPUs"
-  ON_LOAD=(taskset -c 0); ON_PROXY=(taskset -c 1)
-fi
+[ "$PIN" = 1 ] && pin_setup
 
 # --- prerequisites ----------------------------------------------------------
 
@@ -568,6 +562,7 @@ log "mode $MODE ($PROFILE build): $RUNS run(s) x ${DURATION}s per figure, mock l
 log "targets: ${TARGETS[*]}"
 if [ "$WITH_REDIS" = 1 ]; then
   start_redis
+  # Already running: every thread of it moved to the load side's CPU.
   [ "$PIN" = 1 ] && taskset -a -p -c 0 "$REDIS_PID" >/dev/null
   log "private redis-server on 127.0.0.1:$REDIS_PORT (PID $REDIS_PID)"
 fi

@@ -88,8 +88,6 @@ SUMMARY=""
 BUILD=1
 KEEP=0
 PIN=0
-PIN_LOAD=0     # --pin: the mock and the load client on CPU 0
-PIN_PROXY=1    # --pin: the proxy under test on CPU 1
 MODE=full
 ARGS_GIVEN="$*"
 
@@ -136,10 +134,7 @@ BENCH=streams
 for tool in awk curl timeout; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is missing"
 done
-if [ "$PIN" = 1 ]; then
-  command -v taskset >/dev/null 2>&1 || die "--pin needs taskset (util-linux)"
-  [ "$(nproc)" -ge 2 ] || die "--pin needs 2 CPUs (the proxy on one, the mock and the client on the other)"
-fi
+[ "$PIN" = 1 ] && pin_setup
 [ -r /proc/self/status ] || die "/proc is needed (Linux only)"
 HARD=$(ulimit -Hn)
 if [ "$HARD" != unlimited ] && [ "$HARD" -lt "$NOFILE" ]; then NOFILE=$HARD; fi
@@ -181,11 +176,8 @@ ready_admin() { sed -n 's/.*"admin":"\([^"]*\)".*/\1/p' "$1"; }
 # Run a command in the background with the raised open-files limit; sets
 # BG_PID (the command itself: the subshell execs it).
 BG_PID=""
-# With --pin, BG_CPU (a CPU list) pins the command with taskset.
-BG_CPU=""
 start_bg() {
   local out=$1 err=$2; shift 2
-  if [ "$PIN" = 1 ] && [ -n "$BG_CPU" ]; then set -- taskset -c "$BG_CPU" "$@"; fi
   ( ulimit -n "$NOFILE" || exit 111; exec "$@" ) >"$out" 2>"$err" &
   BG_PID=$!
   PIDS+=("$BG_PID")
@@ -194,7 +186,7 @@ start_bg() {
 # start_mock DIR: sets MOCK_PID and MOCK_ADDR.
 start_mock() {
   local dir=$1
-  BG_CPU=$PIN_LOAD start_bg "$dir/mock.out" "$dir/mock.err" "$MOCK" mock --listen 127.0.0.1:0
+  start_bg "$dir/mock.out" "$dir/mock.err" "${ON_LOAD[@]+"${ON_LOAD[@]}"}" "$MOCK" mock --listen 127.0.0.1:0
   MOCK_PID=$BG_PID
   wait_file "$dir/mock.out" "$MOCK_PID" "the mock"
   MOCK_ADDR=$(sed -n 's|.*listening on http://\([0-9.]*:[0-9]*\).*|\1|p' "$dir/mock.out")
@@ -232,14 +224,14 @@ start_target() {
   TARGET_ADMIN=""
   case "$name" in
     bare)
-      BG_CPU=$PIN_PROXY start_bg "$dir/bare.out" "$dir/bare.log" "$BARE" --listen 127.0.0.1:0 --upstream "$MOCK_ADDR" \
+      start_bg "$dir/bare.out" "$dir/bare.log" "${ON_PROXY[@]+"${ON_PROXY[@]}"}" "$BARE" --listen 127.0.0.1:0 --upstream "$MOCK_ADDR" \
         --threads 2 --ready-file "$dir/bare.ready" ;;
     floodwall)
       mkdir -p "$dir/policy"
       policy "$MOCK_ADDR" >"$dir/policy/floodwall.yaml"
       "$FLOODWALL" check "$dir/policy/floodwall.yaml" >"$dir/floodwall.check" 2>&1 \
         || die "the policy does not validate: $(cat "$dir/floodwall.check")"
-      BG_CPU=$PIN_PROXY start_bg "$dir/floodwall.out" "$dir/floodwall.log" "$FLOODWALL" run \
+      start_bg "$dir/floodwall.out" "$dir/floodwall.log" "${ON_PROXY[@]+"${ON_PROXY[@]}"}" "$FLOODWALL" run \
         --config "$dir/policy/floodwall.yaml" --ready-file "$dir/floodwall.ready" ;;
     *) die "unknown target $name" ;;
   esac
@@ -274,7 +266,7 @@ field() {
 # script can look at the proxy meanwhile); sets CLIENT_PID.
 run_client() {
   local out=$1 err=$2; shift 2
-  BG_CPU=$PIN_LOAD start_bg "$out" "$err" "$CLIENT" "$@"
+  start_bg "$out" "$err" "${ON_LOAD[@]+"${ON_LOAD[@]}"}" "$CLIENT" "$@"
   CLIENT_PID=$BG_PID
 }
 
@@ -412,8 +404,8 @@ MD=$RESULTS_DIR/streams-$STAMP.md
   echo "- machine: $MACHINE${CPU_MODEL:+, $CPU_MODEL}; load average before: $LOAD_BEFORE, after: $LOAD_AFTER"
   echo "- mock, proxy and load client: separate processes, open-files limit $NOFILE each; proxies run"
   if [ "$PIN" = 1 ]; then
-    echo "  2 worker threads, the client 1; 127.0.0.1 only; pinned (--pin): the proxy on CPU $PIN_PROXY, the mock"
-    echo "  and the load client on CPU $PIN_LOAD (taskset)."
+    echo "  2 worker threads, the client 1; 127.0.0.1 only; pinned (--pin): the proxy on CPU 1, the mock"
+    echo "  and the load client on CPU 0 (taskset)."
   else
     echo "  2 worker threads, the client 1; 127.0.0.1 only; nothing pinned (they share the cores)."
   fi

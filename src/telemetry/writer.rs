@@ -92,14 +92,11 @@ fn drain(rx: &Receiver<Msg>, mut write: impl FnMut(&[u8]), pause: impl Fn()) {
     let mut batch: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut answers: Vec<Sender<()>> = Vec::new();
     while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        if matches!(next, Some(Msg::Line(_))) {
+        if matches!(first, Msg::Line(_)) {
             // Gather: senders meanwhile only push to the queue.
-            if let Some(Msg::Line(line)) = next.take() {
-                batch.extend_from_slice(&line);
-            }
             pause();
         }
+        let mut next = Some(first);
         while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
             match msg {
                 Msg::Line(line) => {

@@ -186,9 +186,7 @@ impl Floodwall {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
 
-impl Floodwall {
     /// The log once `f` holds for it. floodwall writes its log in batches,
     /// up to 100 ms after a line was logged (`telemetry::writer`).
     pub async fn wait_logs(&self, what: &str, f: impl Fn(&str) -> bool) -> String {
