@@ -612,7 +612,7 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
   echo "  decided by both rules and refused by none); floodwall+copilot+Redis = the same with the"
   echo "  example's \`store: redis\`, a private redis-server. All floodwalls with default logging."
   echo
-  awk -F'\t' -v conns="$CONNS" -v hc="$HC" -v summary="${SUMMARY:-/dev/null}" -v rttf="$RTT_TSV" '
+  awk -F'\t' -v conns="$CONNS" -v hc="$HC" -v summary="${SUMMARY:-/dev/null}" -v rttf="$RTT_TSV" -v pinned="$PIN" '
     function sort(a, n,   i, j, t) { for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t } }
     # median [min-max] of the values stored under key k (v[k, 1..n[k]])
     function stat(k, fmt,   a, m, i, med) {
@@ -628,6 +628,8 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
     function verdict(ok) { return ok ? "met" : "**missed**" }
     # A row of the suite summary: area, what, figure, target, verdict.
     function srow(area, what, fig, target, verd) { printf "%s\t%s\t%s\t%s\t%s\n", area, what, fig, target, verd >> summary }
+    # The summary area of a row: "load, mock 0 ms", or "load pinned, ..." with --pin.
+    function where(lat) { return "load" (pinned == 1 ? " pinned" : "") ", mock " lat " ms" }
     BEGIN {
       nc = split(conns, C, " ")
       while ((getline line < rttf) > 0) {
@@ -709,7 +711,7 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
           }
           print line sprintf(" %s | %s | %s |", stat(k "cpuhc", "%.1f"), stat(k "cpu1", "%.1f"), stat(k "rss", "%.1f"))
           # Suite summary: per target, latency added, throughput, CPU and RSS.
-          area = "load, mock " lat " ms"
+          area = where(lat)
           if (t != "direct") srow(area, label[t] ": added latency c=1, p50 / p99 (µs)", stat(k "a50", "%+d") " / " stat(k "a99", "%+d"),
             "p99 < 300 µs", (t ~ /^floodwall/) ? verdict(v_med(k "a99") < 300) : "-")
           else srow(area, label[t] ": latency c=1, p50 / p99 (µs)", stat(k "p50", "%d") " / " stat(k "p99", "%d"), "-", "-")
@@ -736,7 +738,7 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
           stat(k "ratio1", "%.2f×"),
           stat(k "nginxhc", "%.2f×"), (n[k "nginxhc"] && cop) ? "(≤ 2.5×: " verdict(v_med(k "nginxhc") <= 2.5) ")" : "",
           stat(k "a99", "%+d"), verdict(v_med(k "a99") < 300)
-        area = "load, mock " lat " ms"
+        area = where(lat)
         if (bt) srow(area, label[t] ": CPU/req ÷ bare Pingora, c=" hc, stat(k "ratiohc", "%.2f×"), sprintf("≤ %.2f×", bt), verdict(v_med(k "ratiohc") <= bt))
         if (cop && n[k "nginxhc"]) srow(area, label[t] ": CPU/req ÷ nginx, c=" hc, stat(k "nginxhc", "%.2f×"), "≤ 2.5×", verdict(v_med(k "nginxhc") <= 2.5))
       }
@@ -783,9 +785,9 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
         printf "| %s ms | %s / %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", lat, stat(lat SUBSEP "rtt50", "%.1f"), stat(lat SUBSEP "rtt99", "%.1f"),
           stat(k "r50", "%+d"), stat(k "r99", "%+d"), stat(k "rtrips", "%.2f"), stat(k "rcpuhc", "%+.1f"), stat(k "rscpu", "%.1f"),
           stat(k "rcmds", "%.2f"), stat(k "rreads", "%.2f"), verdict(okr) " / " verdict(ok)
-        srow("load, mock " lat " ms", "copilot+Redis: Redis commands / reads (round trips) per request",
+        srow(where(lat), "copilot+Redis: Redis commands / reads (round trips) per request",
           stat(k "rcmds", "%.2f") " / " stat(k "rreads", "%.2f"), "≤ 1 round trip", verdict(okr))
-        srow("load, mock " lat " ms", "copilot+Redis: Redis − memory, added p50 c=1 (µs), beside one Redis PING round trip p50 (µs)",
+        srow(where(lat), "copilot+Redis: Redis − memory, added p50 c=1 (µs), beside one Redis PING round trip p50 (µs)",
           stat(k "r50", "%+d") " vs " stat(lat SUBSEP "rtt50", "%.1f"), "≤ 1 round trip", verdict(ok))
       }
       if (hdone) print ""
@@ -793,7 +795,7 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
       else print "No request errors (connect/read/write/timeout/non-2xx) in any run."
       for (ti = 1; ti <= nt; ti++) if (serrs[T[ti]] > 0) {
         printf "\n**%s: %d rate-limiter Redis errors** (timeouts: the example\047s store timeout is 50 ms); those decisions were made by the rules\047 `on_store_error: local`.\n", label[T[ti]], serrs[T[ti]]
-        srow("load", label[T[ti]] ": rate-limiter Redis errors over the run", serrs[T[ti]], "0", "**missed**")
+        srow("load" (pinned == 1 ? " pinned" : ""), label[T[ti]] ": rate-limiter Redis errors over the run", serrs[T[ti]], "0", "**missed**")
       }
     }
     function v_min(k,   m, i, x) {

@@ -3,7 +3,7 @@
 # runs every part side by side on this machine, and writes one results table
 # with the targets beside the measurements. See BENCHMARKS.md ("Suite").
 #
-#   benches/suite.sh            full: release build, every figure the median of 5 runs (~25 min on 2 cores)
+#   benches/suite.sh            full: release build, every figure the median of 5 runs (~27 min on 2 cores)
 #   benches/suite.sh --quick    smoke test of the harness on the debug build `cargo test` made (~2-3 min);
 #                               its figures mean nothing
 #
@@ -27,11 +27,18 @@
 #      at 0 and 20 ms, c=1 (latency), c=64 and c=256 (throughput and p99),
 #      CPU per request, peak RSS; 5 runs x 3 s per figure (quick: 1 run x 1 s,
 #      mock at 0 ms);
-#   4. benches/streams.sh: 9,000 idle streams (memory per stream; heartbeat
+#   4. benches/load.sh --pin: the same load with each proxy under test on
+#      CPU 1 and wrk and the mock on CPU 0, so that a proxy's CPU time per
+#      request is not interleaved with the load generator's on one core (the
+#      steadier instrument for the CPU targets): direct / bare Pingora /
+#      nginx / floodwall / floodwall+copilot (memory), mock at 0 and 20 ms,
+#      c=1 and c=64, 5 runs x 3 s (quick: 1 run x 1 s, mock at 0 ms; skipped
+#      on one CPU);
+#   5. benches/streams.sh: 9,000 idle streams (memory per stream; heartbeat
 #      2 s, held 4 s) and 1,000 active streams (added TTFT, per-chunk delay,
 #      CPU per chunk), 5 runs (quick: 200 idle, 50 active, 1 run), every
 #      process sharing both cores;
-#   5. benches/streams.sh --only active --pin: the 1,000 active streams again
+#   6. benches/streams.sh --only active --pin: the 1,000 active streams again
 #      with the proxy under test on its own CPU (the mock and the client on
 #      the other), so that "added" is the proxy's own cost rather than three
 #      processes queueing for two cores (quick: 50 streams, 1 run).
@@ -164,6 +171,9 @@ callgrind_rows() {
 }
 
 LOAD_TARGETS="direct bare nginx floodwall floodwall_copilot floodwall_copilot_redis"
+# The pinned load: the CPU-per-request targets' baselines and floodwall, each
+# proxy on CPU 1 and wrk and the mock on CPU 0 (load.sh --pin).
+PINNED_TARGETS="direct bare nginx floodwall floodwall_copilot"
 MACHINE="nproc $(nproc), $(uname -sr), $(rustc --version 2>/dev/null)"
 run_facts
 log "mode $MODE, $PROFILE build; load average before: $LOAD_BEFORE; scratch $WORK"
@@ -183,6 +193,9 @@ if [ "$MODE" = quick ]; then
   fi
   run_part load 300 benches/load.sh --quick --no-build --profile "$PROFILE" --runs 1 --duration 1 \
     --latencies 0 --conns "1 64 256" --targets "$LOAD_TARGETS" --summary "$SUMMARY"
+  [ "$(nproc)" -lt 2 ] && log "load_pinned: skipped (--pin needs 2 CPUs)" ||
+    run_part load_pinned 300 benches/load.sh --quick --no-build --profile "$PROFILE" --runs 1 --duration 1 \
+      --pin --latencies 0 --conns "1 64" --targets "$PINNED_TARGETS" --summary "$SUMMARY"
   run_part streams 300 benches/streams.sh --quick --no-build --profile "$PROFILE" --runs 1 \
     --idle-streams 200 --active-streams 50 --hold 2 --heartbeat 1s --duration 2 --warmup 1 --summary "$SUMMARY"
   [ "$(nproc)" -lt 2 ] && log "streams_pinned: skipped (--pin needs 2 CPUs)" ||
@@ -202,6 +215,9 @@ else
   callgrind_rows "$WORK/callgrind_copilot.log" "floodwall+copilot (memory)"
   run_part load 1500 benches/load.sh --no-build --profile "$PROFILE" --runs 5 --duration 3 \
     --latencies "0 20" --conns "1 64 256" --targets "$LOAD_TARGETS" --summary "$SUMMARY"
+  [ "$(nproc)" -lt 2 ] && log "load_pinned: skipped (--pin needs 2 CPUs)" ||
+    run_part load_pinned 900 benches/load.sh --no-build --profile "$PROFILE" --runs 5 --duration 3 \
+      --pin --latencies "0 20" --conns "1 64" --targets "$PINNED_TARGETS" --summary "$SUMMARY"
   run_part streams 1200 benches/streams.sh --no-build --profile "$PROFILE" --runs 5 \
     --idle-streams 9000 --hold 4 --heartbeat 2s --active-streams 1000 --duration 4 --warmup 2 --summary "$SUMMARY"
   [ "$(nproc)" -lt 2 ] && log "streams_pinned: skipped (--pin needs 2 CPUs)" ||
