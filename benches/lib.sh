@@ -160,6 +160,11 @@ run_facts() {
     rev="unknown (not a git checkout)"
   fi
   CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
+  # The caches per core: the CPU ratios at c=64 move with them from host to
+  # host (64 requests' state in flight on one core).
+  local caches
+  caches=$(lscpu -C=NAME,ONE-SIZE 2>/dev/null | awk 'NR > 1 { printf "%s%s %s", (n++ ? ", " : ""), $1, $2 }' || true)
+  [ -z "$caches" ] || CPU_MODEL="${CPU_MODEL:+$CPU_MODEL, }caches $caches"
   LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
   START=$(date +%s)
 }
