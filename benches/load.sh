@@ -628,8 +628,9 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
     function verdict(ok) { return ok ? "met" : "**missed**" }
     # A row of the suite summary: area, what, figure, target, verdict.
     function srow(area, what, fig, target, verd) { printf "%s\t%s\t%s\t%s\t%s\n", area, what, fig, target, verd >> summary }
-    # The summary area of a row: "load, mock 0 ms", or "load pinned, ..." with --pin.
-    function where(lat) { return "load" (pinned == 1 ? " pinned" : "") ", mock " lat " ms" }
+    # The summary area of a row: "load", "load, mock 0 ms"; "load pinned..." with --pin.
+    function part() { return "load" (pinned == 1 ? " pinned" : "") }
+    function where(lat) { return part() ", mock " lat " ms" }
     BEGIN {
       nc = split(conns, C, " ")
       while ((getline line < rttf) > 0) {
@@ -795,7 +796,7 @@ case " $CONNS " in *" 64 "*) ;; *) HC=$(printf '%s\n' $CONNS | sort -n | tail -1
       else print "No request errors (connect/read/write/timeout/non-2xx) in any run."
       for (ti = 1; ti <= nt; ti++) if (serrs[T[ti]] > 0) {
         printf "\n**%s: %d rate-limiter Redis errors** (timeouts: the example\047s store timeout is 50 ms); those decisions were made by the rules\047 `on_store_error: local`.\n", label[T[ti]], serrs[T[ti]]
-        srow("load" (pinned == 1 ? " pinned" : ""), label[T[ti]] ": rate-limiter Redis errors over the run", serrs[T[ti]], "0", "**missed**")
+        srow(part(), label[T[ti]] ": rate-limiter Redis errors over the run", serrs[T[ti]], "0", "**missed**")
       }
     }
     function v_min(k,   m, i, x) {
