@@ -141,6 +141,16 @@ run_part() {
   log "part $name done in ${PART_SECS[-1]}s${file:+: $file}"
 }
 
+# run_pinned_part NAME LIMIT_SECONDS COMMAND...: run_part for a part run
+# with --pin, skipped (and said so) on a machine with one CPU.
+run_pinned_part() {
+  if [ "$(nproc)" -lt 2 ]; then
+    log "$1: skipped (--pin needs 2 CPUs)"
+    return 0
+  fi
+  run_part "$@"
+}
+
 # decisions_rows FILE: the suite rows of the micro-benchmarks (mean ns per
 # decision, one thread; through Redis: p50 µs of one sequential decision).
 decisions_rows() {
@@ -193,14 +203,12 @@ if [ "$MODE" = quick ]; then
   fi
   run_part load 300 benches/load.sh --quick --no-build --profile "$PROFILE" --runs 1 --duration 1 \
     --latencies 0 --conns "1 64 256" --targets "$LOAD_TARGETS" --summary "$SUMMARY"
-  [ "$(nproc)" -lt 2 ] && log "load_pinned: skipped (--pin needs 2 CPUs)" ||
-    run_part load_pinned 300 benches/load.sh --quick --no-build --profile "$PROFILE" --runs 1 --duration 1 \
-      --pin --latencies 0 --conns "1 64" --targets "$PINNED_TARGETS" --summary "$SUMMARY"
+  run_pinned_part load_pinned 300 benches/load.sh --quick --no-build --profile "$PROFILE" --runs 1 --duration 1 \
+    --pin --latencies 0 --conns "1 64" --targets "$PINNED_TARGETS" --summary "$SUMMARY"
   run_part streams 300 benches/streams.sh --quick --no-build --profile "$PROFILE" --runs 1 \
     --idle-streams 200 --active-streams 50 --hold 2 --heartbeat 1s --duration 2 --warmup 1 --summary "$SUMMARY"
-  [ "$(nproc)" -lt 2 ] && log "streams_pinned: skipped (--pin needs 2 CPUs)" ||
-    run_part streams_pinned 300 benches/streams.sh --quick --no-build --profile "$PROFILE" --runs 1 \
-      --only active --pin --active-streams 50 --duration 2 --warmup 1 --summary "$SUMMARY"
+  run_pinned_part streams_pinned 300 benches/streams.sh --quick --no-build --profile "$PROFILE" --runs 1 \
+    --only active --pin --active-streams 50 --duration 2 --warmup 1 --summary "$SUMMARY"
 else
   [ "$PROFILE" = release ] || log "warning: the full suite on a $PROFILE build: the figures say nothing about release code"
   if [ "$PROFILE" = debug ]; then
@@ -215,14 +223,12 @@ else
   callgrind_rows "$WORK/callgrind_copilot.log" "floodwall+copilot (memory)"
   run_part load 1500 benches/load.sh --no-build --profile "$PROFILE" --runs 5 --duration 3 \
     --latencies "0 20" --conns "1 64 256" --targets "$LOAD_TARGETS" --summary "$SUMMARY"
-  [ "$(nproc)" -lt 2 ] && log "load_pinned: skipped (--pin needs 2 CPUs)" ||
-    run_part load_pinned 900 benches/load.sh --no-build --profile "$PROFILE" --runs 5 --duration 3 \
-      --pin --latencies "0 20" --conns "1 64" --targets "$PINNED_TARGETS" --summary "$SUMMARY"
+  run_pinned_part load_pinned 900 benches/load.sh --no-build --profile "$PROFILE" --runs 5 --duration 3 \
+    --pin --latencies "0 20" --conns "1 64" --targets "$PINNED_TARGETS" --summary "$SUMMARY"
   run_part streams 1200 benches/streams.sh --no-build --profile "$PROFILE" --runs 5 \
     --idle-streams 9000 --hold 4 --heartbeat 2s --active-streams 1000 --duration 4 --warmup 2 --summary "$SUMMARY"
-  [ "$(nproc)" -lt 2 ] && log "streams_pinned: skipped (--pin needs 2 CPUs)" ||
-    run_part streams_pinned 600 benches/streams.sh --no-build --profile "$PROFILE" --runs 5 \
-      --only active --pin --active-streams 1000 --duration 4 --warmup 2 --summary "$SUMMARY"
+  run_pinned_part streams_pinned 600 benches/streams.sh --no-build --profile "$PROFILE" --runs 5 \
+    --only active --pin --active-streams 1000 --duration 4 --warmup 2 --summary "$SUMMARY"
 fi
 ELAPSED=$(( $(date +%s) - START ))
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -188,19 +188,14 @@ impl Floodwall {
     }
 
     /// The log once `f` holds for it. floodwall writes its log in batches,
-    /// up to 100 ms after a line was logged (`telemetry::writer`).
+    /// up to 100 ms after a line was logged (`telemetry::writer`). On a
+    /// time-out, `Drop` prints the log.
     pub async fn wait_logs(&self, what: &str, f: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        eventually(what, Duration::from_secs(10), || {
             let logs = self.logs();
-            if f(&logs) {
-                return logs;
-            }
-            if Instant::now() > deadline {
-                panic!("timed out waiting for {what} in the log:\n{logs}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            std::future::ready(f(&logs).then_some(logs))
+        })
+        .await
     }
 }
 
