@@ -2,38 +2,9 @@
 //! `X-Forwarded-For`, the access log)
 //! without the `fmt` machinery, which is several times slower per call.
 
-/// Two decimal digits for each of 0..100.
-const PAIRS: &[u8; 200] = b"\
-0001020304050607080910111213141516171819\
-2021222324252627282930313233343536373839\
-4041424344454647484950515253545556575859\
-6061626364656667686970717273747576777879\
-8081828384858687888990919293949596979899";
-
-/// Append `n` in decimal (two digits per division).
-pub fn push_u64(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    while n >= 100 {
-        let d = (n % 100) as usize * 2;
-        n /= 100;
-        i -= 2;
-        digits[i..i + 2].copy_from_slice(&PAIRS[d..d + 2]);
-    }
-    if n >= 10 {
-        let d = n as usize * 2;
-        i -= 2;
-        digits[i..i + 2].copy_from_slice(&PAIRS[d..d + 2]);
-    } else {
-        i -= 1;
-        digits[i] = b'0' + n as u8;
-    }
-    // One `push` per ASCII digit, after one `reserve`: `extend` over the
-    // chars, or `from_utf8` + `push_str`, each cost more than the division.
-    out.reserve(digits.len() - i);
-    for &d in &digits[i..] {
-        out.push(char::from(d));
-    }
+/// Append `n` in decimal.
+pub fn push_u64(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
 }
 
 /// Append `ip` as `Display` writes it; IPv4, the common case, without the

@@ -35,7 +35,7 @@ use super::{key, KeySpace, StoreError};
 use crate::config::limits::Field;
 use crate::config::RedisConfig;
 use crate::policy::ratelimit::math::{self, Eval, Params, State};
-use crate::policy::ratelimit::{Adjustment, Plan, RuleEval};
+use crate::policy::ratelimit::{Adjustment, PerRule, Plan, RuleEval};
 
 /// How long one connection attempt may take (in the background).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -576,7 +576,7 @@ impl RedisStore {
         &self,
         plans: &[Plan],
         now_ms: u64,
-    ) -> Result<Vec<Result<RuleEval, StoreError>>, StoreError> {
+    ) -> Result<PerRule<Result<RuleEval, StoreError>>, StoreError> {
         let calls: Vec<Call> = plans
             .iter()
             .map(|p| self.plan_call("check", p, 1, now_ms))
@@ -596,7 +596,7 @@ impl RedisStore {
         let reply = replies
             .pop()
             .ok_or_else(|| StoreError::Protocol("no reply".into()))??;
-        rule_eval(&reply, plan.windows.len(), false).map(|e| e.windows)
+        rule_eval(&reply, plan.windows.len(), false).map(|e| e.windows.into_vec())
     }
 
     /// Applies corrections, one pipeline.
@@ -788,7 +788,7 @@ fn rule_eval(reply: &[i64], windows: usize, _charging: bool) -> Result<RuleEval,
                 at: u(c[7]),
             },
         })
-        .collect::<Vec<_>>();
+        .collect();
     let allowed = reply[0] == 1;
     Ok(RuleEval {
         allowed,

@@ -247,17 +247,46 @@ impl Verified {
     }
 }
 
+/// [`verify_cached`] for a header value that may not be a JWT at all:
+/// `None` when it does not have the shape of one ([`looks_like_jwt`]). The
+/// shape is only checked on a cache miss: a cached token had it.
+pub fn verify_if_jwt(
+    source: &JwtSource,
+    token: &str,
+    now_unix_secs: u64,
+) -> Option<Result<Arc<Map<String, Value>>, JwtError>> {
+    if let Some(hit) = cached(source, token, now_unix_secs) {
+        return Some(hit);
+    }
+    looks_like_jwt(token).then(|| verify_and_cache(source, token, now_unix_secs))
+}
+
+/// The cached claims of `token`, if it verified before (its times are
+/// checked again at `now`).
+fn cached(
+    source: &JwtSource,
+    token: &str,
+    now_unix_secs: u64,
+) -> Option<Result<Arc<Map<String, Value>>, JwtError>> {
+    let (claims, times) = source.verified.lock().get(token).cloned()?;
+    Some(times.check(source, now_unix_secs).map(|()| claims))
+}
+
 /// [`verify`], through the source's cache of tokens that verified.
 pub fn verify_cached(
     source: &JwtSource,
     token: &str,
     now_unix_secs: u64,
 ) -> Result<Arc<Map<String, Value>>, JwtError> {
-    let hit = source.verified.lock().get(token).cloned();
-    if let Some((claims, times)) = hit {
-        times.check(source, now_unix_secs)?;
-        return Ok(claims);
-    }
+    cached(source, token, now_unix_secs)
+        .unwrap_or_else(|| verify_and_cache(source, token, now_unix_secs))
+}
+
+fn verify_and_cache(
+    source: &JwtSource,
+    token: &str,
+    now_unix_secs: u64,
+) -> Result<Arc<Map<String, Value>>, JwtError> {
     let (claims, times) = verify_with_times(source, token, now_unix_secs)?;
     let claims = Arc::new(claims);
     let mut cache = source.verified.lock();

@@ -149,7 +149,9 @@ pub fn extract(config: &IdentityConfig, parts: &RequestParts<'_>) -> Identity {
         parts.headers,
         parts.trusted_proxies,
     );
-    let mut identity = Identity::anonymous(ip, &config.tier.default);
+    // The tier is set at the end: the default only when no source gave one
+    // (an empty String costs no allocation).
+    let mut identity = Identity::anonymous(ip, "");
     let mut claims: Option<std::sync::Arc<serde_json::Map<String, Value>>> = None;
     let mut unshaped_token = false;
 
@@ -163,11 +165,11 @@ pub fn extract(config: &IdentityConfig, parts: &RequestParts<'_>) -> Identity {
                 let Some(token) = header_value(parts.headers, &src.header).map(strip_bearer) else {
                     continue;
                 };
-                if !jwt::looks_like_jwt(token) {
+                let Some(verified) = jwt::verify_if_jwt(src, token, parts.now_unix_secs) else {
                     unshaped_token = true;
                     continue;
-                }
-                match jwt::verify_cached(src, token, parts.now_unix_secs) {
+                };
+                match verified {
                     Ok(c) => {
                         let user = jwt::claim_string(&c, &src.claim);
                         claims = Some(c);
@@ -196,7 +198,7 @@ pub fn extract(config: &IdentityConfig, parts: &RequestParts<'_>) -> Identity {
             UserSource::Ip => ip.map(|ip| (format!("ip:{ip}"), UserFrom::Ip)),
         };
         if let Some((user, from)) = found {
-            identity.user = Some(bounded(&user));
+            identity.user = Some(bounded(user));
             identity.user_from = Some(from);
             break;
         }
@@ -228,10 +230,10 @@ pub fn extract(config: &IdentityConfig, parts: &RequestParts<'_>) -> Identity {
                     else {
                         continue;
                     };
-                    if !jwt::looks_like_jwt(token) {
+                    let Some(verified) = jwt::verify_if_jwt(src, token, parts.now_unix_secs) else {
                         continue;
-                    }
-                    match jwt::verify_cached(src, token, parts.now_unix_secs) {
+                    };
+                    match verified {
                         Ok(c) => {
                             claims = Some(c);
                             break;
@@ -251,6 +253,9 @@ pub fn extract(config: &IdentityConfig, parts: &RequestParts<'_>) -> Identity {
                 identity.tier = t;
             }
         }
+    }
+    if identity.tier.is_empty() {
+        identity.tier.push_str(&config.tier.default);
     }
     identity
 }
@@ -365,9 +370,9 @@ fn is_tier_value(t: &str) -> bool {
 
 /// Keeps limiter keys bounded: long or odd values become `h:` + 32 hex
 /// digits of their SHA-256.
-fn bounded(value: &str) -> String {
+fn bounded(value: String) -> String {
     if value.len() <= MAX_IDENTITY_LEN && !value.chars().any(char::is_control) {
-        return value.to_string();
+        return value;
     }
     let digest = Sha256::digest(value.as_bytes());
     let mut out = String::from("h:");
@@ -716,9 +721,9 @@ mod tests {
     #[test]
     fn long_values_are_hashed_and_bearer_scheme_is_case_insensitive() {
         let long = "u".repeat(500);
-        let b = bounded(&long);
+        let b = bounded(long.clone());
         assert!(b.starts_with("h:") && b.len() == 34);
-        assert_eq!(bounded("alice"), "alice");
+        assert_eq!(bounded("alice".to_string()), "alice");
         assert_eq!(strip_bearer("bearer abc"), "abc");
         assert_eq!(strip_bearer("BEARER  abc"), "abc");
         assert_eq!(strip_bearer("Basic abc"), "Basic abc");

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::math::{self, Eval, Params, State};
-use super::{Adjustment, Plan, RuleEval};
+use super::{Adjustment, PerRule, PerWindow, Plan, RuleEval};
 use crate::config::limits::Field;
 
 const SHARDS: usize = 64;
@@ -42,9 +42,9 @@ impl Shard {
         self.keys(rule)?.get(key)
     }
 
-    /// The entry of (rule, key), created if needed. Looked up by `&str` so
-    /// that an existing entry costs no allocation. (Always `Some`.)
-    fn entry(&mut self, rule: &str, key: &str) -> Option<&mut Entry> {
+    /// Applies `f` to the entry of (rule, key), created if needed. Looked up
+    /// by `&str`, so an existing entry costs one hash and no allocation.
+    fn update(&mut self, rule: &str, key: &str, f: impl FnOnce(&mut Entry)) {
         let i = match self.rules.iter().position(|(r, _)| r == rule) {
             Some(i) => i,
             None => {
@@ -53,14 +53,17 @@ impl Shard {
             }
         };
         let keys = &mut self.rules[i].1;
-        if !keys.contains_key(key) {
-            let entry = Entry {
-                windows: Vec::with_capacity(2),
-                expires_ms: 0,
-            };
-            keys.insert(key.to_string(), entry);
+        match keys.get_mut(key) {
+            Some(entry) => f(entry),
+            None => {
+                let mut entry = Entry {
+                    windows: Vec::with_capacity(2),
+                    expires_ms: 0,
+                };
+                f(&mut entry);
+                keys.insert(key.to_string(), entry);
+            }
         }
-        keys.get_mut(key)
     }
 }
 
@@ -149,26 +152,26 @@ impl MemoryStore {
     /// Evaluates every plan with `params_of` (the window parameters, given
     /// the divisor the caller wants) and charges the admitted ones only if
     /// every enforcing plan is admitted.
-    pub(crate) fn check(&self, plans: &[Plan], divisor: u64, now_ms: u64) -> Vec<RuleEval> {
-        let plan_shards: Vec<usize> = plans
+    pub(crate) fn check(&self, plans: &[Plan], divisor: u64, now_ms: u64) -> PerRule<RuleEval> {
+        let plan_shards: PerRule<usize> = plans
             .iter()
             .map(|p| shard_of(&p.rule.name, &p.key))
             .collect();
         let mut shard_ids = plan_shards.clone();
         shard_ids.sort_unstable();
         shard_ids.dedup();
-        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> = shard_ids
+        let mut guards: PerRule<(usize, MutexGuard<'_, Shard>)> = shard_ids
             .iter()
             .map(|&i| (i, lock(&self.shards[i])))
             .collect();
         let guard_of = |shard: usize| shard_ids.binary_search(&shard).unwrap_or(0);
 
-        let mut evals: Vec<RuleEval> = plans
+        let mut evals: PerRule<RuleEval> = plans
             .iter()
             .zip(&plan_shards)
             .map(|(plan, &shard)| {
                 let entry = guards[guard_of(shard)].1.get(&plan.rule.name, &plan.key);
-                let windows: Vec<Eval> = plan
+                let windows: PerWindow<Eval> = plan
                     .windows
                     .iter()
                     .map(|w| {
@@ -194,17 +197,16 @@ impl MemoryStore {
                 if !eval.allowed {
                     continue;
                 }
-                let Some(entry) = guards[guard_of(shard)].1.entry(&plan.rule.name, &plan.key)
-                else {
-                    continue;
-                };
-                let mut expires = entry.expires_ms;
-                for (w, e) in plan.windows.iter().zip(&eval.windows) {
-                    entry.set(w.field, e.next);
-                    let params = Params::of(&w.window, divisor);
-                    expires = expires.max(math::expires_at(&params, e.next, now_ms));
-                }
-                entry.expires_ms = expires;
+                let shard = &mut guards[guard_of(shard)].1;
+                shard.update(&plan.rule.name, &plan.key, |entry| {
+                    let mut expires = entry.expires_ms;
+                    for (w, e) in plan.windows.iter().zip(&eval.windows) {
+                        entry.set(w.field, e.next);
+                        let params = Params::of(&w.window, divisor);
+                        expires = expires.max(math::expires_at(&params, e.next, now_ms));
+                    }
+                    entry.expires_ms = expires;
+                });
                 eval.charged = true;
             }
         }
@@ -228,18 +230,17 @@ impl MemoryStore {
     pub(crate) fn adjust(&self, adjustments: &[Adjustment], divisor: u64, now_ms: u64) {
         for a in adjustments {
             let mut shard = lock(&self.shards[shard_of(&a.rule, &a.key)]);
-            let Some(entry) = shard.entry(&a.rule, &a.key) else {
-                continue;
-            };
-            let mut expires = entry.expires_ms;
-            for w in &a.windows {
-                let params = Params::of(&w.window, divisor);
-                let next =
-                    math::adjust(&params, entry.get(w.field), w.delta, w.period_start, now_ms);
-                entry.set(w.field, next);
-                expires = expires.max(math::expires_at(&params, next, now_ms));
-            }
-            entry.expires_ms = expires;
+            shard.update(&a.rule, &a.key, |entry| {
+                let mut expires = entry.expires_ms;
+                for w in &a.windows {
+                    let params = Params::of(&w.window, divisor);
+                    let next =
+                        math::adjust(&params, entry.get(w.field), w.delta, w.period_start, now_ms);
+                    entry.set(w.field, next);
+                    expires = expires.max(math::expires_at(&params, next, now_ms));
+                }
+                entry.expires_ms = expires;
+            });
         }
     }
 

@@ -59,6 +59,7 @@ pub mod memory;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
+use smallvec::SmallVec;
 
 use crate::config::limits::{Field, KeyPart, OnStoreError, Price, Prices, RateLimitRule, Window};
 use crate::config::StoreConfig;
@@ -74,6 +75,12 @@ pub use memory::MemoryStore;
 pub const CHARS_PER_TOKEN: u64 = 4;
 /// `Retry-After` for a 503 `limiter_unavailable`.
 pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 1;
+
+/// One entry per rule of a decision, inline up to four (a route has a few
+/// rules): a decision allocates nothing per rule.
+pub type PerRule<T> = SmallVec<[T; 4]>;
+/// One entry per window of a rule, inline up to three.
+pub type PerWindow<T> = SmallVec<[T; 3]>;
 
 /// What [`Limiter::check`] needs from a request.
 #[derive(Debug, Clone, Copy)]
@@ -171,26 +178,37 @@ pub struct RateHeaders {
     pub remaining: u64,
     /// `X-RateLimit-Reset`: seconds until the window is full again, rounded up.
     pub reset_secs: u64,
-    /// `RateLimit-Policy`: every request and token window that applied.
-    pub policy: String,
-    /// `RateLimit`: the window reported above.
-    pub ratelimit: String,
+    /// `RateLimit-Policy` then `RateLimit`, in one buffer (one allocation).
+    text: String,
+    /// Where `RateLimit` starts in `text`.
+    policy_len: usize,
 }
 
 impl RateHeaders {
+    /// `RateLimit-Policy`: every request and token window that applied.
+    pub fn policy(&self) -> &str {
+        &self.text[..self.policy_len]
+    }
+
+    /// `RateLimit`: the window reported above.
+    pub fn ratelimit(&self) -> &str {
+        &self.text[self.policy_len..]
+    }
+
     /// Header names and values, ready to insert.
     pub fn pairs(&self) -> [(&'static str, String); 5] {
         [
             ("x-ratelimit-limit", self.limit.to_string()),
             ("x-ratelimit-remaining", self.remaining.to_string()),
             ("x-ratelimit-reset", self.reset_secs.to_string()),
-            ("ratelimit-policy", self.policy.clone()),
-            ("ratelimit", self.ratelimit.clone()),
+            ("ratelimit-policy", self.policy().to_string()),
+            ("ratelimit", self.ratelimit().to_string()),
         ]
     }
 
-    /// The same, as header values. All five are slices of one buffer: one
-    /// allocation, and cloning them onto a response only counts references.
+    /// The same, as header values. All five are slices of one buffer (the
+    /// numbers are written after the two texts), so cloning them onto a
+    /// response only counts references.
     pub fn into_values(self) -> Vec<(http::HeaderName, http::HeaderValue)> {
         use http::HeaderName;
         const NAMES: [HeaderName; 5] = [
@@ -200,34 +218,31 @@ impl RateHeaders {
             HeaderName::from_static("ratelimit-policy"),
             HeaderName::from_static("ratelimit"),
         ];
-        let mut text = String::with_capacity(60 + self.policy.len() + self.ratelimit.len());
-        let mut ends = [0usize; 5];
+        let mut text = self.text;
+        let texts = text.len();
+        let mut numbers = [0usize; 3];
         for (i, n) in [self.limit, self.remaining, self.reset_secs]
             .into_iter()
             .enumerate()
         {
             push_u64(&mut text, n);
-            ends[i] = text.len();
+            numbers[i] = text.len();
         }
-        text.push_str(&self.policy);
-        ends[3] = text.len();
-        text.push_str(&self.ratelimit);
-        ends[4] = text.len();
         let text = bytes::Bytes::from(text);
-        let mut start = 0;
+        let [a, b, c] = numbers;
+        let starts = [texts, a, b, 0, self.policy_len];
+        let ends = [a, b, c, self.policy_len, texts];
         let mut out = Vec::with_capacity(5);
-        for (name, end) in NAMES.into_iter().zip(ends) {
+        for ((name, start), end) in NAMES.into_iter().zip(starts).zip(ends) {
             // Rule names are checked when the policy loads; a value that is
             // still not a valid header value is left out.
             if let Ok(v) = http::HeaderValue::from_maybe_shared(text.slice(start..end)) {
                 out.push((name, v));
             }
-            start = end;
         }
         out
     }
 }
-
 /// The answer to [`Limiter::check`].
 #[derive(Debug)]
 pub struct Decision {
@@ -253,7 +268,7 @@ pub struct Decision {
     pub fallback: bool,
     /// The store's error, when `fallback` (for the log and metrics).
     pub store_error: Option<StoreError>,
-    pub outcomes: Vec<RuleOutcome>,
+    pub outcomes: PerRule<RuleOutcome>,
     /// The token estimate used for admission (0 without token or cost windows).
     pub estimated_tokens: u64,
     window: Option<Window>,
@@ -272,7 +287,7 @@ impl Decision {
             shadow_denied: false,
             fallback: false,
             store_error: None,
-            outcomes: Vec::new(),
+            outcomes: PerRule::new(),
             estimated_tokens: 0,
             window: None,
         }
@@ -365,7 +380,7 @@ pub(crate) struct Plan {
     pub rule: Arc<RateLimitRule>,
     pub key: String,
     pub enforce: bool,
-    pub windows: Vec<PlanWindow>,
+    pub windows: PerWindow<PlanWindow>,
 }
 
 #[derive(Debug, Clone)]
@@ -383,7 +398,7 @@ pub(crate) struct RuleEval {
     pub allowed: bool,
     /// The store charged it.
     pub charged: bool,
-    pub windows: Vec<Eval>,
+    pub windows: PerWindow<Eval>,
 }
 
 /// A correction of one (rule, key).
@@ -523,7 +538,7 @@ impl Limiter {
             .llm
             .map_or(0, |l| (l.prompt_chars as u64).div_ceil(CHARS_PER_TOKEN));
 
-        let mut plans: Vec<Plan> = Vec::with_capacity(rules.len());
+        let mut plans: PerRule<Plan> = PerRule::new();
         let mut missing: Option<Arc<RateLimitRule>> = None;
         for rule in rules {
             let skipped = |key: String, outcome: Outcome| RuleOutcome {
@@ -576,7 +591,7 @@ impl Limiter {
                         Window::Cost { .. } => cost,
                     },
                 })
-                .collect::<Vec<_>>();
+                .collect::<PerWindow<_>>();
             if windows
                 .iter()
                 .any(|w| !matches!(w.window, Window::Requests { .. }))
@@ -604,7 +619,7 @@ impl Limiter {
 
         // Evaluate in the primary store, then the local fallback for rules
         // whose store failed with `on_store_error: local`.
-        let mut slots: Vec<Slot> = match &self.primary {
+        let mut slots: PerRule<Slot> = match &self.primary {
             Primary::Memory(m) => m
                 .check(&plans, 1, now_ms)
                 .into_iter()
@@ -624,7 +639,7 @@ impl Limiter {
                     .collect()
             }
         };
-        let local_idx: Vec<usize> = slots
+        let local_idx: PerRule<usize> = slots
             .iter()
             .enumerate()
             .filter(|(i, s)| {
@@ -638,7 +653,7 @@ impl Limiter {
             if let Slot::Failed(e) = &slots[local_idx[0]] {
                 decision.store_error.get_or_insert_with(|| e.clone());
             }
-            let local_plans: Vec<Plan> = local_idx.iter().map(|&i| plans[i].clone()).collect();
+            let local_plans: PerRule<Plan> = local_idx.iter().map(|&i| plans[i].clone()).collect();
             let evals = self
                 .local
                 .check(&local_plans, self.expected_replicas, now_ms);
@@ -647,7 +662,9 @@ impl Limiter {
             }
         }
 
-        // Combine.
+        // Combine. The plans' outcomes follow the skipped rules' ones; their
+        // keys move in at the end, once nothing else reads them.
+        let first_planned = decision.outcomes.len();
         let mut refused_by: Option<(u64, Reason, usize, Option<Window>)> = None;
         let mut unavailable: Option<usize> = None;
         for (i, (plan, slot)) in plans.iter().zip(&slots).enumerate() {
@@ -704,7 +721,7 @@ impl Limiter {
             decision.fallback |= fallback.is_some();
             decision.outcomes.push(RuleOutcome {
                 rule: plan.rule.clone(),
-                key: plan.key.clone(),
+                key: String::new(),
                 outcome,
                 fallback,
             });
@@ -715,6 +732,7 @@ impl Limiter {
         if refused {
             // Nothing may stay charged for a refused request.
             self.refund(&plans, &slots, now_ms).await;
+            move_keys(&mut decision, first_planned, &mut plans);
             decision.allowed = false;
             if let Some((wait_ms, reason, i, window)) = refused_by {
                 decision.reason = Some(reason);
@@ -761,6 +779,7 @@ impl Limiter {
                 })
             })
             .collect();
+        move_keys(&mut decision, first_planned, &mut plans);
         if !entries.is_empty() {
             decision.reservation = Some(Reservation {
                 prompt_tokens,
@@ -973,6 +992,13 @@ impl Limiter {
     }
 }
 
+/// Moves each plan's key to its outcome (`first`: the first plan's).
+fn move_keys(decision: &mut Decision, first: usize, plans: &mut [Plan]) {
+    for (o, plan) in decision.outcomes[first..].iter_mut().zip(plans) {
+        o.key = std::mem::take(&mut plan.key);
+    }
+}
+
 enum Slot {
     Evaluated(Where, RuleEval),
     Failed(StoreError),
@@ -1025,7 +1051,7 @@ fn headers(plans: &[Plan], slots: &[Slot], refused_by: Option<usize>) -> Option<
             }
         }
     }
-    let mut items: Vec<Item<'_>> = Vec::with_capacity(plans.len());
+    let mut items: SmallVec<[Item<'_>; 6]> = SmallVec::new();
     for (i, (plan, slot)) in plans.iter().zip(slots).enumerate() {
         let Slot::Evaluated(place, eval) = slot else {
             continue;
@@ -1066,7 +1092,9 @@ fn headers(plans: &[Plan], slots: &[Slot], refused_by: Option<usize>) -> Option<
             .or_else(|| least(&items)),
         None => least(&items),
     }?;
-    let mut policy = String::with_capacity(48 * items.len());
+    // Both texts in one buffer, with room for the three numbers that
+    // `into_values` writes after them.
+    let mut policy = String::with_capacity(48 * items.len() + 48 + 60);
     for (j, it) in items.iter().enumerate() {
         if j > 0 {
             policy.push_str(", ");
@@ -1087,19 +1115,20 @@ fn headers(plans: &[Plan], slots: &[Slot], refused_by: Option<usize>) -> Option<
     }
     let it = items.get(chosen)?;
     let reset_secs = it.eval.reset_ms.div_ceil(1000);
-    let mut ratelimit = String::with_capacity(48);
-    ratelimit.push('"');
-    name(&mut ratelimit, it);
-    ratelimit.push_str("\";r=");
-    push_u64(&mut ratelimit, it.eval.remaining);
-    ratelimit.push_str(";t=");
-    push_u64(&mut ratelimit, reset_secs);
+    let policy_len = policy.len();
+    let mut text = policy;
+    text.push('"');
+    name(&mut text, it);
+    text.push_str("\";r=");
+    push_u64(&mut text, it.eval.remaining);
+    text.push_str(";t=");
+    push_u64(&mut text, reset_secs);
     Some(RateHeaders {
         limit: it.limit,
         remaining: it.eval.remaining,
         reset_secs,
-        ratelimit,
-        policy,
+        text,
+        policy_len,
     })
 }
 

@@ -138,8 +138,8 @@ async fn ten_per_minute_lets_exactly_ten_through_and_the_eleventh_gets_429_with_
             assert_eq!(d.rule.as_ref().map(|r| r.name.as_str()), Some("per-user"));
             let h = d.headers.as_ref().unwrap();
             assert_eq!((h.limit, h.remaining, h.reset_secs), (10, 0, 60));
-            assert_eq!(h.policy, "\"per-user:1m\";q=10;w=60");
-            assert_eq!(h.ratelimit, "\"per-user:1m\";r=0;t=60");
+            assert_eq!(h.policy(), "\"per-user:1m\";q=10;w=60");
+            assert_eq!(h.ratelimit(), "\"per-user:1m\";r=0;t=60");
             assert!(
                 d.message()
                     .contains("rule `per-user` allows 10/1m; retry after 6s"),
@@ -346,7 +346,7 @@ async fn token_reservations_are_reconciled_with_real_usage() {
     assert_eq!(first.estimated_tokens, 600);
     let h = first.headers.as_ref().unwrap();
     assert_eq!((h.limit, h.remaining), (1000, 400));
-    assert_eq!(h.policy, "\"t:tokens:1m\";q=1000;w=60;qu=\"tokens\"");
+    assert_eq!(h.policy(), "\"t:tokens:1m\";q=1000;w=60;qu=\"tokens\"");
     let reservation = first.reservation.unwrap();
     assert_eq!(
         (reservation.prompt_tokens, reservation.reserved_tokens()),
@@ -512,12 +512,74 @@ async fn headers_report_the_window_with_the_least_remaining() {
     let h = d.headers.unwrap();
     assert_eq!((h.limit, h.remaining, h.reset_secs), (5, 4, 1));
     assert_eq!(
-        h.policy,
+        h.policy(),
         "\"u:1m\";q=10;w=60, \"u:1h\";q=100;w=3600, \"g:1s\";q=5;w=1"
     );
-    assert_eq!(h.ratelimit, "\"g:1s\";r=4;t=1");
+    assert_eq!(h.ratelimit(), "\"g:1s\";r=4;t=1");
     let pairs = h.pairs();
     assert_eq!(pairs[0], ("x-ratelimit-limit", "5".to_string()));
+}
+
+#[tokio::test]
+async fn header_values_carry_the_same_text_as_the_pairs() {
+    let snap = policy(
+        "",
+        "[{ name: u, key: [user], limits: [{ requests: 10, per: 1m }, { tokens: 1000, per: 1h }] }]",
+    );
+    let l = Limiter::in_memory();
+    let d = check(
+        &l,
+        &snap,
+        &with_llm(req(Some("alice")), "m", Some(10), 40),
+        T0,
+    )
+    .await;
+    let h = d.headers.unwrap();
+    let pairs = h.pairs();
+    let values = h.into_values();
+    let values: Vec<(&str, &str)> = values
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+        .collect();
+    let pairs: Vec<(&str, &str)> = pairs.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    assert_eq!(values, pairs);
+    assert_eq!(
+        values[3].1,
+        "\"u:1m\";q=10;w=60, \"u:tokens:1h\";q=1000;w=3600;qu=\"tokens\""
+    );
+}
+
+#[tokio::test]
+async fn each_outcome_keeps_its_own_rule_key_after_skipped_rules() {
+    // The first rule is skipped (no identity; shadow), the other two are
+    // evaluated: their keys must land on their own outcomes, whether the
+    // request is admitted or refused.
+    let snap = policy(
+        "",
+        "[{ name: s, key: [user], limits: [{ requests: 1, per: 1m }], require_identity: true, shadow: true }, { name: ip, key: [ip], limits: [{ requests: 100, per: 1m }] }, { name: g, key: [route], limits: [{ requests: 1, per: 1m }] }]",
+    );
+    let l = Limiter::in_memory();
+    let keys = |d: &Decision| -> Vec<(String, String)> {
+        d.outcomes
+            .iter()
+            .map(|o| (o.rule.name.clone(), o.key.clone()))
+            .collect()
+    };
+    let expected = vec![
+        ("s".to_string(), String::new()),
+        ("ip".to_string(), "198.51.100.7".to_string()),
+        ("g".to_string(), "chat".to_string()),
+    ];
+    let admitted = check(&l, &snap, &req(None), T0).await;
+    assert!(admitted.allowed);
+    assert_eq!(keys(&admitted), expected);
+    let refused = check(&l, &snap, &req(None), T0).await;
+    assert!(!refused.allowed);
+    assert_eq!(
+        refused.outcomes[2].outcome,
+        Outcome::Limited(Reason::RateLimited)
+    );
+    assert_eq!(keys(&refused), expected);
 }
 
 #[tokio::test]
@@ -1097,7 +1159,7 @@ mod redis {
         );
         let h = d.headers.expect("rate-limit headers");
         assert_eq!((h.limit, h.remaining), (5, 4));
-        assert!(h.policy.contains("q=5;"), "{}", h.policy);
+        assert!(h.policy().contains("q=5;"), "{}", h.policy());
         let d = check(&l, &closed, &r, now_ms()).await;
         assert_eq!(
             (d.allowed, d.reason, d.status),
