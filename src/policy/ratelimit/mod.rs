@@ -528,9 +528,75 @@ impl Limiter {
         req: &LimitRequest<'_>,
         now_ms: u64,
     ) -> Decision {
+        match &self.primary {
+            // No await on this path: the decision is made in one call, and
+            // the caller's future carries none of its state.
+            Primary::Memory(m) => {
+                let (mut decision, planned) = self.plan(rules, req);
+                let Some(mut planned) = planned else {
+                    return decision;
+                };
+                let slots = m
+                    .check(&planned.plans, 1, now_ms)
+                    .into_iter()
+                    .map(|e| Slot::Evaluated(Where::Memory, e))
+                    .collect();
+                let redis_refunds = self.decide(&mut decision, &mut planned, slots, now_ms);
+                debug_assert!(
+                    redis_refunds.is_empty(),
+                    "a memory decision has no Redis refunds"
+                );
+                decision
+            }
+            // Boxed: a Redis round trip's state is large, and rare next to
+            // the memory path's.
+            Primary::Redis(r) => Box::pin(self.check_redis(r, rules, req, now_ms)).await,
+        }
+    }
+
+    async fn check_redis(
+        &self,
+        r: &RedisStore,
+        rules: &[Arc<RateLimitRule>],
+        req: &LimitRequest<'_>,
+        now_ms: u64,
+    ) -> Decision {
+        let (mut decision, planned) = self.plan(rules, req);
+        let Some(mut planned) = planned else {
+            return decision;
+        };
+        let replies = match r.check(&planned.plans, now_ms).await {
+            Ok(replies) => replies,
+            Err(e) => planned.plans.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let slots = replies
+            .into_iter()
+            .map(|reply| match reply {
+                Ok(e) => Slot::Evaluated(Where::Redis, e),
+                Err(e) => Slot::Failed(e),
+            })
+            .collect();
+        let refunds = self.decide(&mut decision, &mut planned, slots, now_ms);
+        if !refunds.is_empty() {
+            if let Err(e) = r.adjust(&refunds, now_ms).await {
+                tracing::debug!(error = %e, "could not refund a refused request's charges; they expire with their windows");
+            }
+        }
+        decision
+    }
+
+    /// The plans of a request: one per rule that applies, with its key and
+    /// the amounts to charge. The decision so far holds the skipped rules'
+    /// outcomes; `None` when no rule is left to evaluate or an identity is
+    /// missing (the decision is then final).
+    fn plan(
+        &self,
+        rules: &[Arc<RateLimitRule>],
+        req: &LimitRequest<'_>,
+    ) -> (Decision, Option<Planned>) {
         let mut decision = Decision::allow();
         if rules.is_empty() {
-            return decision;
+            return (decision, None);
         }
         let model = req.llm.and_then(|l| l.model.as_deref());
         let price = model.and_then(|m| req.prices.get(m));
@@ -611,34 +677,37 @@ impl Limiter {
             decision.reason = Some(Reason::MissingIdentity);
             decision.status = rule.missing_identity_status;
             decision.rule = Some(rule);
-            return decision;
+            return (decision, None);
         }
         if plans.is_empty() {
-            return decision;
+            return (decision, None);
         }
-
-        // Evaluate in the primary store, then the local fallback for rules
-        // whose store failed with `on_store_error: local`.
-        let mut slots: PerRule<Slot> = match &self.primary {
-            Primary::Memory(m) => m
-                .check(&plans, 1, now_ms)
-                .into_iter()
-                .map(|e| Slot::Evaluated(Where::Memory, e))
-                .collect(),
-            Primary::Redis(r) => {
-                let replies = match r.check(&plans, now_ms).await {
-                    Ok(replies) => replies,
-                    Err(e) => plans.iter().map(|_| Err(e.clone())).collect(),
-                };
-                replies
-                    .into_iter()
-                    .map(|reply| match reply {
-                        Ok(e) => Slot::Evaluated(Where::Redis, e),
-                        Err(e) => Slot::Failed(e),
-                    })
-                    .collect()
-            }
+        let planned = Planned {
+            plans,
+            prompt_tokens,
+            price,
         };
+        (decision, Some(planned))
+    }
+
+    /// Completes `decision` from the primary store's answers (`slots`, one
+    /// a plan): the local fallback for rules whose store failed with
+    /// `on_store_error: local`, then the outcomes, the headers, and either
+    /// the refusal (refunding what was charged) or the reservation.
+    /// Returns the refunds still to send to Redis.
+    fn decide(
+        &self,
+        decision: &mut Decision,
+        planned: &mut Planned,
+        mut slots: PerRule<Slot>,
+        now_ms: u64,
+    ) -> Vec<Adjustment> {
+        let Planned {
+            plans,
+            prompt_tokens,
+            price,
+        } = planned;
+        let (prompt_tokens, price) = (*prompt_tokens, *price);
         let local_idx: PerRule<usize> = slots
             .iter()
             .enumerate()
@@ -726,13 +795,13 @@ impl Limiter {
                 fallback,
             });
         }
-        decision.headers = headers(&plans, &slots, refused_by.map(|(_, _, i, _)| i));
+        decision.headers = headers(plans, &slots, refused_by.map(|(_, _, i, _)| i));
 
         let refused = refused_by.is_some() || unavailable.is_some();
         if refused {
             // Nothing may stay charged for a refused request.
-            self.refund(&plans, &slots, now_ms).await;
-            move_keys(&mut decision, first_planned, &mut plans);
+            let redis_refunds = self.refund(plans, &slots, now_ms);
+            move_keys(decision, first_planned, plans);
             decision.allowed = false;
             if let Some((wait_ms, reason, i, window)) = refused_by {
                 decision.reason = Some(reason);
@@ -746,7 +815,7 @@ impl Limiter {
                 decision.rule = Some(plans[i].rule.clone());
                 decision.retry_after_secs = Some(UNAVAILABLE_RETRY_AFTER_SECS);
             }
-            return decision;
+            return redis_refunds;
         }
 
         let entries: Vec<Reserved> = plans
@@ -779,7 +848,7 @@ impl Limiter {
                 })
             })
             .collect();
-        move_keys(&mut decision, first_planned, &mut plans);
+        move_keys(decision, first_planned, plans);
         if !entries.is_empty() {
             decision.reservation = Some(Reservation {
                 prompt_tokens,
@@ -787,11 +856,12 @@ impl Limiter {
                 entries,
             });
         }
-        decision
+        Vec::new()
     }
 
-    /// Refunds every charged plan (all its windows) of a refused request.
-    async fn refund(&self, plans: &[Plan], slots: &[Slot], now_ms: u64) {
+    /// Refunds every charged plan (all its windows) of a refused request:
+    /// in memory now; the Redis ones are returned, for the caller to send.
+    fn refund(&self, plans: &[Plan], slots: &[Slot], now_ms: u64) -> Vec<Adjustment> {
         let mut redis: Vec<Adjustment> = Vec::new();
         for (plan, slot) in plans.iter().zip(slots) {
             let Slot::Evaluated(place, eval) = slot else {
@@ -821,11 +891,7 @@ impl Limiter {
                 Where::Redis => redis.push(adjustment),
             }
         }
-        if let (Primary::Redis(r), false) = (&self.primary, redis.is_empty()) {
-            if let Err(e) = r.adjust(&redis, now_ms).await {
-                tracing::debug!(error = %e, "could not refund a refused request's charges; they expire with their windows");
-            }
-        }
+        redis
     }
 
     fn memory_adjust(&self, adjustments: &[Adjustment], divisor: u64, now_ms: u64) {
@@ -997,6 +1063,14 @@ fn move_keys(decision: &mut Decision, first: usize, plans: &mut [Plan]) {
     for (o, plan) in decision.outcomes[first..].iter_mut().zip(plans) {
         o.key = std::mem::take(&mut plan.key);
     }
+}
+
+/// The plans of one request, with what their amounts were computed from.
+struct Planned {
+    plans: PerRule<Plan>,
+    /// The prompt estimate, ⌈prompt characters / 4⌉.
+    prompt_tokens: u64,
+    price: Option<Price>,
 }
 
 enum Slot {
