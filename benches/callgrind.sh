@@ -8,6 +8,7 @@
 # figures instead.
 #
 #   benches/callgrind.sh [--requests N] [--policy minimal|3rules|copilot] [--profile release|debug] [--top N] [--no-build] [--keep]
+#                        [--conns C [--seconds S]] [--cache-sim]
 #
 # What it does: builds the release binaries (floodwall and examples/bare_proxy),
 # starts `floodwall mock`, then the bare proxy and floodwall (policy `minimal`:
@@ -23,11 +24,19 @@
 # stopped by PID at the end. `--keep` keeps the callgrind files for
 # callgrind_annotate. `--profile debug` counts the debug build instead (a
 # smoke test of the script: debug counts say nothing about release code).
+# `--conns C` (C > 1) loads each proxy with `wrk -t1 -cC` for S seconds
+# (`--seconds`, default 20; 3 s of warm-up first) instead of N sequential
+# requests, so that C requests are in flight at once (needs wrk).
+# `--cache-sim` also simulates this host's caches (callgrind --cache-sim,
+# with the L1i, L1d and per-core L2 sizes that lscpu reports, the L2 as the
+# last level: one core's working set competes for it) and prints the misses
+# per request: with --conns 64 it shows what 64 requests in flight cost in
+# cache misses, which the instruction count cannot.
 # Needs valgrind and python3 (standard library only).
 set -Eeuo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-N=1000; KIND=minimal; BUILD=1; KEEP=0; PROFILE=release; TOP=0
+N=1000; KIND=minimal; BUILD=1; KEEP=0; PROFILE=release; TOP=0; CONNS=1; SECS=20; CACHE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --requests) N=$2; shift 2 ;;
@@ -36,7 +45,10 @@ while [ $# -gt 0 ]; do
     --top) TOP=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --conns) CONNS=$2; shift 2 ;;
+    --seconds) SECS=$2; shift 2 ;;
+    --cache-sim) CACHE=1; shift ;;
+    -h|--help) sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -46,6 +58,21 @@ case "$PROFILE" in release|debug) ;; *) echo "callgrind.sh: --profile takes rele
 case "$N" in ''|*[!0-9]*|0) echo "callgrind.sh: --requests takes a whole number >= 1" >&2; exit 2 ;; esac
 case "$KIND" in minimal|3rules|copilot) ;; *) echo "callgrind.sh: --policy takes minimal, 3rules or copilot" >&2; exit 2 ;; esac
 case "$TOP" in ''|*[!0-9]*) echo "callgrind.sh: --top takes a whole number" >&2; exit 2 ;; esac
+case "$CONNS" in ''|*[!0-9]*|0) echo "callgrind.sh: --conns takes a whole number >= 1" >&2; exit 2 ;; esac
+case "$SECS" in ''|*[!0-9]*|0) echo "callgrind.sh: --seconds takes a whole number >= 1" >&2; exit 2 ;; esac
+if [ "$CONNS" -gt 1 ] && ! command -v wrk >/dev/null; then echo "callgrind.sh: --conns needs wrk (apt-get install -y wrk)" >&2; exit 1; fi
+VG=(valgrind --tool=callgrind)
+if [ "$CACHE" = 1 ]; then
+  # lscpu -C: NAME ONE-SIZE WAYS LEVEL... e.g. "L1d 32K 8"; sizes in K or M.
+  cache_arg() { # NAME: SIZE,WAYS,64 in bytes
+    { lscpu -C=NAME,ONE-SIZE,WAYS 2>/dev/null || true; } | awk -v n="$1" '$1 == n {
+      s = $2; m = 1; if (s ~ /K$/) m = 1024; if (s ~ /M$/) m = 1048576; sub(/[KM]$/, "", s)
+      printf "%d,%d,64", s * m, $3; exit }'
+  }
+  I1=$(cache_arg L1i); D1=$(cache_arg L1d); LL=$(cache_arg L2)
+  [ -n "$I1" ] && [ -n "$D1" ] && [ -n "$LL" ] || { echo "callgrind.sh: --cache-sim needs lscpu -C to report L1i, L1d and L2" >&2; exit 1; }
+  VG+=(--cache-sim=yes "--I1=$I1" "--D1=$D1" "--LL=$LL")
+fi
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 if [ "$BUILD" = 1 ]; then
   flag=(--release); [ "$PROFILE" = debug ] && flag=()
@@ -121,10 +148,10 @@ routes:
 P
 fi
 
-valgrind --tool=callgrind --callgrind-out-file="$D/bare.cg" "$BARE" --listen 127.0.0.1:0 \
+"${VG[@]}" --callgrind-out-file="$D/bare.cg" "$BARE" --listen 127.0.0.1:0 \
   --upstream "$MA" --threads 2 --ready-file "$D/bare.ready" >"$D/bare.out" 2>"$D/bare.log" &
 BP=$!; PIDS+=($BP)
-env "${FW_ENV[@]+"${FW_ENV[@]}"}" valgrind --tool=callgrind --callgrind-out-file="$D/floodwall.cg" "$FW" run --config "$D/policy.yaml" \
+env "${FW_ENV[@]+"${FW_ENV[@]}"}" "${VG[@]}" --callgrind-out-file="$D/floodwall.cg" "$FW" run --config "$D/policy.yaml" \
   --ready-file "$D/fw.ready" >"$D/fw.out" 2>"$D/fw.log" &
 FP=$!; PIDS+=($FP)
 wait_for "$D/bare.ready" $BP "bare_proxy"
@@ -147,29 +174,64 @@ for _ in range(n):
         sys.exit(f"status {r.status}")
 PY
 
-declare -A IR
+# wrk_load ADDR PATH AUTH SECONDS OUT: C connections for SECONDS, through
+# benches/chat.lua (the load benchmark's request); prints the request count.
+wrk_load() {
+  BENCH_PATH=$2 BENCH_AUTHORIZATION=$3 timeout -k 2 $(($4 + 60)) wrk -t1 -c"$CONNS" -d"$4s" --timeout 30s \
+    -s "$ROOT/benches/chat.lua" "http://$1$2" >"$5" 2>&1 || { echo "wrk against $1 failed: $(tail -3 "$5")" >&2; exit 1; }
+  grep -q 'err_connect=0 err_read=0 err_write=0 err_status=0 err_timeout=0' "$5" \
+    || { echo "wrk against $1 saw errors: $(grep WRK_RESULT "$5")" >&2; exit 1; }
+  sed -n 's/^WRK_RESULT requests=\([0-9]*\).*/\1/p' "$5"
+}
+
+declare -A IR COUNTS REQS
 for t in bare floodwall; do
   # bare Pingora gets the same request on the path the mock answers.
   if [ $t = bare ]; then a=$(addr "$D/bare.ready"); p=$BP; path=/v1/chat/completions; auth=""
   else a=$(addr "$D/fw.ready"); p=$FP; path=$REQ_PATH; auth=$AUTH; fi
-  python3 "$D/client.py" "${a%:*}" "${a##*:}" 200 "$path" "$auth"
-  callgrind_control -z "$p" >/dev/null
-  python3 "$D/client.py" "${a%:*}" "${a##*:}" "$N" "$path" "$auth"
+  if [ "$CONNS" = 1 ]; then
+    python3 "$D/client.py" "${a%:*}" "${a##*:}" 200 "$path" "$auth"
+    callgrind_control -z "$p" >/dev/null
+    python3 "$D/client.py" "${a%:*}" "${a##*:}" "$N" "$path" "$auth"
+    n=$N
+  else
+    wrk_load "$a" "$path" "$auth" 3 "$D/$t.warmup" >/dev/null
+    callgrind_control -z "$p" >/dev/null
+    n=$(wrk_load "$a" "$path" "$auth" "$SECS" "$D/$t.wrk")
+  fi
   callgrind_control -d "$t" "$p" >/dev/null
   f=$(ls "$D/$t.cg".* | tail -1)
-  total=$(callgrind_annotate "$f" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
-  IR[$t]=$((total / N))
+  # Every event of PROGRAM TOTALS, per request (Ir first; with --cache-sim
+  # also Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw).
+  COUNTS[$t]=$(callgrind_annotate "$f" 2>/dev/null | awk -v n="$n" '/PROGRAM TOTALS/ {
+      for (i = 1; i <= NF; i++) if ($i ~ /^[0-9,]+$/) { v = $i; gsub(",", "", v); printf "%d ", v / n }
+      exit }')
+  IR[$t]=${COUNTS[$t]%% *}
+  REQS[$t]=$n
   [ $t = floodwall ] && FW_CG=$f
 done
-echo "policy $KIND, $N requests over one keep-alive connection (user-space instructions, callgrind, $PROFILE build):"
+if [ "$CONNS" = 1 ]; then
+  echo "policy $KIND, $N requests over one keep-alive connection (user-space instructions, callgrind, $PROFILE build):"
+else
+  echo "policy $KIND, wrk -t1 -c$CONNS for ${SECS} s under valgrind: ${REQS[bare]} requests to bare Pingora, ${REQS[floodwall]} to floodwall (user-space instructions, callgrind, $PROFILE build):"
+fi
 echo "  bare Pingora: ${IR[bare]} instructions/request"
 echo "  floodwall:    ${IR[floodwall]} instructions/request"
 awk -v f="${IR[floodwall]}" -v b="${IR[bare]}" 'BEGIN { printf "  ratio:        %.2fx\n", f / b }'
+if [ "$CACHE" = 1 ]; then
+  echo "simulated cache misses per request (I1 $I1, D1 $D1, last level = the per-core L2 $LL; size,ways,line in bytes):"
+  printf '  %-13s %8s %8s %8s %9s %9s %9s %9s\n' "" I1mr D1mr D1mw "L2 instr" "L2 read" "L2 write" "L2 total"
+  for t in bare floodwall; do
+    read -r _ _ _ i1 d1r d1w ilr dlr dlw <<<"${COUNTS[$t]}"
+    label="bare Pingora:"; [ $t = floodwall ] && label="floodwall:"
+    printf '  %-13s %8s %8s %8s %9s %9s %9s %9s\n' "$label" "$i1" "$d1r" "$d1w" "$ilr" "$dlr" "$dlw" $((ilr + dlr + dlw))
+  done
+fi
 if [ "$TOP" -gt 0 ]; then
   # Inclusive counts of floodwall's own functions (the runtime's and
   # Pingora's frames above them include everything), one line per function.
   echo "floodwall's $TOP most expensive functions, inclusive (instructions per request):"
-  callgrind_annotate --inclusive=yes "$FW_CG" 2>/dev/null \
+  callgrind_annotate --inclusive=yes --show=Ir "$FW_CG" 2>/dev/null \
     | awk -v n="$N" -v top="$TOP" '
         $1 ~ /^[0-9,]+$/ && NF >= 2 && /floodwall::/ && !/=>/ {
           ir = $1; gsub(",", "", ir); $1 = ""
