@@ -243,6 +243,7 @@ impl RateHeaders {
         out
     }
 }
+
 /// The answer to [`Limiter::check`].
 #[derive(Debug)]
 pub struct Decision {
