@@ -21,7 +21,10 @@
 #      Pingora, without policies and with the research-copilot policy (the
 #      profile: floodwall's most expensive functions; deterministic: one
 #      count each; quick: 20 requests; skipped in quick mode when valgrind
-#      is missing);
+#      is missing), then the copilot policy at 64 requests in flight with
+#      this host's L1 and L2 simulated (`--conns 64 --cache-sim`, 10 s; quick:
+#      4 connections, 2 s): L2 misses per request, the figure that explains
+#      the CPU ratios at c=64;
 #   3. benches/load.sh: direct / bare Pingora / nginx / floodwall (no
 #      policies) / floodwall+copilot (memory) / floodwall+copilot+Redis, mock
 #      at 0 and 20 ms, c=1 (latency), c=64 and c=256 (throughput and p99),
@@ -180,6 +183,20 @@ callgrind_rows() {
     }' "$1" >>"$SUMMARY" || die "cannot read callgrind.sh's counts in $1"
 }
 
+# cache_rows FILE CONNS: simulated L2 misses per request from callgrind.sh
+# --cache-sim's table (lines "  bare Pingora: I1mr D1mr D1mw L2i L2r L2w
+# L2total" and "  floodwall: ...").
+cache_rows() {
+  awk -v profile="$PROFILE" -v conns="$2" '
+    /^  bare Pingora: / && NF == 9 { b = $9; bi = $6 }
+    /^  floodwall: / && NF == 8 { f = $8; fi = $5 }
+    /simulated cache misses/ { sub(/.*\(/, ""); sub(/; size.*/, ""); caches = $0 }
+    END {
+      if (b == "" || f == "" || b == 0) exit 1
+      printf "L2 misses (callgrind --cache-sim, %s build)\tper request at c=%s, floodwall+copilot (memory) / bare Pingora (%s; deterministic for a given interleaving)\t%s / %s (%.2fx); instruction misses %s / %s\t-\t-\n", profile, conns, caches, f, b, f / b, fi, bi
+    }' "$1" >>"$SUMMARY" || die "cannot read callgrind.sh's cache misses in $1"
+}
+
 LOAD_TARGETS="direct bare nginx floodwall floodwall_copilot floodwall_copilot_redis"
 # The pinned load: the CPU-per-request targets' baselines and floodwall, each
 # proxy on CPU 1 and wrk and the mock on CPU 0 (load.sh --pin).
@@ -200,6 +217,8 @@ if [ "$MODE" = quick ]; then
     callgrind_rows "$WORK/callgrind.log" "floodwall (no policies)"
     run_part callgrind_copilot 300 benches/callgrind.sh --no-build --profile "$PROFILE" --requests 20 --policy copilot --top 5
     callgrind_rows "$WORK/callgrind_copilot.log" "floodwall+copilot (memory)"
+    run_part callgrind_cache 300 benches/callgrind.sh --no-build --profile "$PROFILE" --policy copilot --conns 4 --seconds 2 --cache-sim
+    cache_rows "$WORK/callgrind_cache.log" 4
   fi
   run_part load 300 benches/load.sh --quick --no-build --profile "$PROFILE" --runs 1 --duration 1 \
     --latencies 0 --conns "1 64 256" --targets "$LOAD_TARGETS" --summary "$SUMMARY"
@@ -221,6 +240,8 @@ else
   callgrind_rows "$WORK/callgrind.log" "floodwall (no policies)"
   run_part callgrind_copilot 900 benches/callgrind.sh --no-build --profile "$PROFILE" --requests 1000 --policy copilot --top 30
   callgrind_rows "$WORK/callgrind_copilot.log" "floodwall+copilot (memory)"
+  run_part callgrind_cache 600 benches/callgrind.sh --no-build --profile "$PROFILE" --policy copilot --conns 64 --seconds 10 --cache-sim
+  cache_rows "$WORK/callgrind_cache.log" 64
   run_part load 1500 benches/load.sh --no-build --profile "$PROFILE" --runs 5 --duration 3 \
     --latencies "0 20" --conns "1 64 256" --targets "$LOAD_TARGETS" --summary "$SUMMARY"
   run_pinned_part load_pinned 900 benches/load.sh --no-build --profile "$PROFILE" --runs 5 --duration 3 \
