@@ -63,7 +63,7 @@ impl JwtError {
 /// Whether `token` has the shape of a compact JWS: three non-empty
 /// base64url segments separated by dots. A value that does not (an opaque
 /// API key in the same header) is left to the next identity source.
-pub fn looks_like_jwt(token: &str) -> bool {
+fn looks_like_jwt(token: &str) -> bool {
     /// The base64url alphabet and `=`: one table lookup a byte.
     const B64URL: [bool; 256] = {
         let mut t = [false; 256];
@@ -247,9 +247,10 @@ impl Verified {
     }
 }
 
-/// [`verify_cached`] for a header value that may not be a JWT at all:
-/// `None` when it does not have the shape of one ([`looks_like_jwt`]). The
-/// shape is only checked on a cache miss: a cached token had it.
+/// [`verify`], through the source's cache of tokens that verified, for a
+/// header value that may not be a JWT at all: `None` when it does not have
+/// the shape of one ([`looks_like_jwt`]). The shape is only checked on a
+/// cache miss: a cached token had it.
 pub fn verify_if_jwt(
     source: &JwtSource,
     token: &str,
@@ -270,16 +271,6 @@ fn cached(
 ) -> Option<Result<Arc<Map<String, Value>>, JwtError>> {
     let (claims, times) = source.verified.lock().get(token).cloned()?;
     Some(times.check(source, now_unix_secs).map(|()| claims))
-}
-
-/// [`verify`], through the source's cache of tokens that verified.
-pub fn verify_cached(
-    source: &JwtSource,
-    token: &str,
-    now_unix_secs: u64,
-) -> Result<Arc<Map<String, Value>>, JwtError> {
-    cached(source, token, now_unix_secs)
-        .unwrap_or_else(|| verify_and_cache(source, token, now_unix_secs))
 }
 
 fn verify_and_cache(
@@ -585,6 +576,15 @@ pub(crate) mod tests {
             hex,
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    /// [`verify_if_jwt`] for a token of the right shape.
+    fn verify_cached(
+        source: &JwtSource,
+        token: &str,
+        now: u64,
+    ) -> Result<Arc<Map<String, Value>>, JwtError> {
+        verify_if_jwt(source, token, now).expect("a JWT-shaped token")
     }
 
     #[test]
