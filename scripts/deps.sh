@@ -5,8 +5,6 @@
 #   cmake        - Pingora's zlib-ng build
 #   make         - the jemalloc allocator's build (tikv-jemalloc-sys)
 #   redis-server - the tests start private Redis servers
-#   prometheus   - its promtool checks and unit-tests deploy/prometheus/alerts.yaml
-#                  (tests/e2e/operator_kit.rs; the daemon is not started)
 floodwall_need() {
   local missing=() cmd pkg
   for pair in "$@"; do
@@ -16,7 +14,7 @@ floodwall_need() {
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${missing[*]} ..." >&2
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || {
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || {
       echo "error: could not install ${missing[*]}; install them with: apt-get install -y ${missing[*]}" >&2; exit 1; }
   else
     echo "error: floodwall needs ${missing[*]}; install with: sudo apt-get install -y ${missing[*]}" >&2

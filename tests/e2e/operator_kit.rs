@@ -5,7 +5,7 @@
 //!
 //! When `promtool` is installed (Debian package `prometheus`), the rules are
 //! also checked and unit-tested with it, and every dashboard query is parsed
-//! as PromQL. `scripts/test.sh`, which CI runs, installs it and sets
+//! as PromQL. CI (`.ci/run`) installs it and sets
 //! `FLOODWALL_REQUIRE_PROMTOOL=1`, so that there the check fails instead of
 //! skipping when promtool is missing.
 
@@ -690,8 +690,8 @@ fn assert_ok(o: &Output, what: &str) {
 fn promtool_checks_and_unit_tests_the_rules_and_parses_the_dashboard_queries() {
     let dir = repo("deploy/prometheus");
     let Some(check) = promtool(&["check", "rules", "alerts.yaml"], &dir) else {
-        // scripts/test.sh (and so CI) installs promtool and sets this: there
-        // the check must run, not skip.
+        // CI (.ci/run) installs promtool and sets this: there the check
+        // must run, not skip.
         if std::env::var_os("FLOODWALL_REQUIRE_PROMTOOL").is_some_and(|v| v == "1") {
             panic!("promtool is not installed (apt-get install -y prometheus), and FLOODWALL_REQUIRE_PROMTOOL=1");
         }
