@@ -232,7 +232,7 @@ if [ "$TOP" -gt 0 ]; then
   # Pingora's frames above them include everything), one line per function.
   echo "floodwall's $TOP most expensive functions, inclusive (instructions per request):"
   callgrind_annotate --inclusive=yes --show=Ir "$FW_CG" 2>/dev/null \
-    | awk -v n="$N" -v top="$TOP" '
+    | awk -v n="${REQS[floodwall]}" -v top="$TOP" '
         $1 ~ /^[0-9,]+$/ && NF >= 2 && /floodwall::/ && !/=>/ {
           ir = $1; gsub(",", "", ir); $1 = ""
           sub(/^ +/, ""); sub(/^\( *[0-9.]+%\) */, ""); sub(/ \[[^]]*\]$/, ""); sub(/^[^ ]*\.rs:/, "")

@@ -195,7 +195,9 @@ impl RateHeaders {
         &self.text[self.policy_len..]
     }
 
-    /// Header names and values, ready to insert.
+    /// Header names and values as strings (the tests' view of
+    /// [`RateHeaders::into_values`]).
+    #[cfg(test)]
     pub fn pairs(&self) -> [(&'static str, String); 5] {
         [
             ("x-ratelimit-limit", self.limit.to_string()),
